@@ -1,0 +1,1 @@
+"""Host-side CLI subcommands; each module is one ``fleetlearn`` subcommand (see aggregator.cli)."""

@@ -1,0 +1,1 @@
+"""SecAgg+ server state machine and the in-memory driver."""

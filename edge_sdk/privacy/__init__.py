@@ -1,0 +1,1 @@
+"""Update encoding, integer DP noise and the device privacy ledger."""

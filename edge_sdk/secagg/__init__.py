@@ -1,0 +1,1 @@
+"""SecAgg+ primitives and the client state machine."""

@@ -1,0 +1,1 @@
+"""On-device training: training bundles run by plain onnxruntime."""
