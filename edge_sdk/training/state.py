@@ -1,0 +1,257 @@
+"""One device's parameters and optimiser state, stepped through a shared ``ModelSession``.
+
+Why a ring of buffer sets: a train step reads parameters and optimiser state and writes their new
+values. Binding the outputs to a spare, preallocated set and then making that set current costs
+nothing per step (no copies, no allocations, no re-binding): one IOBinding per (current -> next)
+pair is built once, and a step only rebinds x and y when the caller passes a different buffer.
+
+Why three sets rather than two: a step is committed only when its loss is finite. When a step's
+loss is NaN/inf because the *previous* update overflowed, the current set already holds inf; the
+set before it is still intact (the failing step wrote into the third), so the device can roll back
+to the last finite parameters without ever copying on the happy path.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Mapping
+
+import numpy as np
+import onnxruntime as ort
+
+from edge_sdk.errors import FleetlearnError
+from edge_sdk.training.bundle import BundleError
+from edge_sdk.training.session import ModelSession
+
+log = logging.getLogger(__name__)
+
+RING_SIZE = 3
+_CPU = ort.OrtDevice.make("cpu", 0)._get_c_device()
+
+
+class ParameterError(BundleError, ValueError):
+    """Parameters handed to a device do not match the bundle's trainable parameters."""
+
+
+class NonFiniteLossError(FleetlearnError, ArithmeticError):
+    """A train step produced a NaN or infinite loss; training stopped and nothing was committed.
+
+    ``step`` is the 1-based number of the failing step since the state was created (or its
+    optimiser reset); the loop adds ``epoch`` and ``batch``.
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        step: int,
+        loss: float,
+        rolled_back: bool = False,
+        epoch: int | None = None,
+        batch: int | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.step = step
+        self.loss = loss
+        self.rolled_back = rolled_back
+        self.epoch = epoch
+        self.batch = batch
+
+
+def _all_finite(arrays: Mapping[str, np.ndarray]) -> bool:
+    return all(bool(np.isfinite(a).all()) for a in arrays.values())
+
+
+class TrainingState:
+    """Parameters + optimiser state of one device, in preallocated numpy buffers shared with onnxruntime.
+
+    Not thread-safe by itself (one device, one thread); many states may share one session.
+    """
+
+    def __init__(self, session: ModelSession, params: Mapping[str, np.ndarray] | None = None) -> None:
+        self.session = session
+        manifest = session.manifest
+        self._param_specs = manifest.trainable
+        self._state_specs = manifest.state
+        self._x_name, self._y_name, lr_name, step_name = manifest.train_step_inputs
+        self._x_dtype = np.dtype(manifest.x.dtype)
+        self._y_dtype = np.dtype(manifest.y.dtype)
+        param_dtype = np.dtype(self._param_specs[0].dtype) if self._param_specs else np.dtype(np.float32)
+
+        # Scalars updated in place before every run; bound once, read by onnxruntime from these buffers.
+        self._lr = np.zeros((), dtype=param_dtype)
+        self._step_no = np.zeros((), dtype=np.int64)
+        loss_dtype = np.dtype(manifest.output.dtype) if manifest.output.dtype != "int64" else param_dtype
+        self._loss = np.zeros((), dtype=loss_dtype)
+
+        self._params: list[dict[str, np.ndarray]] = [
+            {p.name: np.zeros(p.shape, dtype=p.dtype) for p in self._param_specs} for _ in range(RING_SIZE)
+        ]
+        self._opt: list[dict[str, np.ndarray]] = [
+            {s.name: np.zeros(s.shape, dtype=s.dtype) for s in self._state_specs} for _ in range(RING_SIZE)
+        ]
+        # OrtValues view the numpy buffers (CPU, zero-copy); keep them alive as long as the bindings.
+        self._values = [
+            (
+                {n: ort.OrtValue.ortvalue_from_numpy(a) for n, a in self._params[i].items()},
+                {n: ort.OrtValue.ortvalue_from_numpy(a) for n, a in self._opt[i].items()},
+            )
+            for i in range(RING_SIZE)
+        ]
+        lr_value = ort.OrtValue.ortvalue_from_numpy(self._lr)
+        step_value = ort.OrtValue.ortvalue_from_numpy(self._step_no)
+        self._loss_value = ort.OrtValue.ortvalue_from_numpy(self._loss)
+        self._bindings = []
+        for i in range(RING_SIZE):
+            src_params, src_opt = self._values[i]
+            dst_params, dst_opt = self._values[(i + 1) % RING_SIZE]
+            binding = session.train_step.io_binding()
+            binding.bind_ortvalue_input(lr_name, lr_value)
+            binding.bind_ortvalue_input(step_name, step_value)
+            for p in self._param_specs:
+                binding.bind_ortvalue_input(p.input, src_params[p.name])
+                binding.bind_ortvalue_output(p.output, dst_params[p.name])
+            for s in self._state_specs:
+                binding.bind_ortvalue_input(s.input, src_opt[s.name])
+                binding.bind_ortvalue_output(s.output, dst_opt[s.name])
+            binding.bind_ortvalue_output(manifest.loss_output, self._loss_value)
+            self._bindings.append(binding)
+        # What each binding currently has bound as x and y: (data pointer, shape), to skip re-binding.
+        self._bound_xy: list[tuple[tuple[int, tuple[int, ...]], tuple[int, tuple[int, ...]]] | None] = [
+            None
+        ] * RING_SIZE
+        # Arrays bound by pointer must outlive the binding's next run.
+        self._xy_refs: list[tuple[np.ndarray, np.ndarray] | None] = [None] * RING_SIZE
+
+        self._current = 0
+        self._steps = 0
+        self._previous_valid = False  # whether the set before ``_current`` holds committed values
+        self.set_params(params if params is not None else session.bundle.initial_params)
+
+    # ----------------------------------------------------------------- parameters
+
+    @property
+    def steps(self) -> int:
+        """Committed train steps since creation or the last ``reset_optimizer_state``."""
+        return self._steps
+
+    @property
+    def parameter_names(self) -> tuple[str, ...]:
+        return tuple(p.name for p in self._param_specs)
+
+    def get_params(self) -> dict[str, np.ndarray]:
+        """Copies of the trainable parameters, keyed by ONNX initializer name."""
+        return {name: array.copy() for name, array in self._params[self._current].items()}
+
+    def set_params(self, params: Mapping[str, np.ndarray]) -> None:
+        """Overwrite the trainable parameters (e.g. with a new global model); optimiser state is kept.
+
+        Every trainable parameter must be given, with its exact shape and dtype: a silent cast or
+        broadcast here would hide a model mismatch until the update is aggregated.
+        """
+        expected = {p.name: p for p in self._param_specs}
+        unknown = sorted(set(params) - set(expected))
+        missing = sorted(set(expected) - set(params))
+        if unknown or missing:
+            raise ParameterError(
+                f"parameters do not match the bundle: unknown {unknown}, missing {missing}; "
+                f"expected exactly {sorted(expected)}"
+            )
+        for name, spec in expected.items():
+            value = np.asarray(params[name])
+            if value.shape != spec.shape or value.dtype != np.dtype(spec.dtype):
+                raise ParameterError(
+                    f"parameter {name!r} is {value.dtype}{list(value.shape)}, "
+                    f"the bundle expects {spec.dtype}{list(spec.shape)}"
+                )
+        current = self._params[self._current]
+        for name in expected:
+            np.copyto(current[name], params[name])
+        self._previous_valid = False
+
+    def get_optimizer_state(self) -> dict[str, np.ndarray]:
+        """Copies of the optimiser state (momentum velocity, Adam m/v), keyed by state name."""
+        return {name: array.copy() for name, array in self._opt[self._current].items()}
+
+    def reset_optimizer_state(self) -> None:
+        """Zero the optimiser state and restart the step count (Adam's bias correction restarts too)."""
+        for array in self._opt[self._current].values():
+            array.fill(0)
+        self._steps = 0
+        self._previous_valid = False
+
+    # ----------------------------------------------------------------- training
+
+    def _bind_xy(self, binding_index: int, x: np.ndarray, y: np.ndarray) -> None:
+        key = ((x.ctypes.data, x.shape), (y.ctypes.data, y.shape))
+        if self._bound_xy[binding_index] == key:
+            return
+        binding = self._bindings[binding_index]._iobinding
+        binding.bind_input(self._x_name, _CPU, x.dtype, list(x.shape), x.ctypes.data)
+        binding.bind_input(self._y_name, _CPU, y.dtype, list(y.shape), y.ctypes.data)
+        self._bound_xy[binding_index] = key
+        self._xy_refs[binding_index] = (x, y)
+
+    def train_step(self, x: np.ndarray, y: np.ndarray, lr: float) -> float:
+        """Run one optimiser step on a batch and commit it; returns the batch's mean loss.
+
+        ``x`` and ``y`` must already have the bundle's dtypes (see ``data.prepare_dataset``); they
+        are bound by pointer, so a caller that refills one buffer per batch pays no binding cost.
+        On a NaN/inf loss nothing is committed and ``NonFiniteLossError`` is raised.
+        """
+        if x.dtype != self._x_dtype or y.dtype != self._y_dtype:
+            raise ParameterError(
+                f"batch dtypes are x {x.dtype}, y {y.dtype}; the bundle expects x {self._x_dtype}, "
+                f"y {self._y_dtype} (use edge_sdk.training.data.prepare_dataset)"
+            )
+        if not (x.flags.c_contiguous and y.flags.c_contiguous):
+            x, y = np.ascontiguousarray(x), np.ascontiguousarray(y)
+        index = self._current
+        self._bind_xy(index, x, y)
+        self._lr[()] = lr
+        self._step_no[()] = self._steps + 1
+        self.session.train_step._sess.run_with_iobinding(self._bindings[index]._iobinding, None)
+        loss = float(self._loss[()])
+        if not math.isfinite(loss):
+            self._handle_non_finite(loss)
+        self._current = (index + 1) % RING_SIZE
+        self._steps += 1
+        self._previous_valid = True
+        return loss
+
+    def _handle_non_finite(self, loss: float) -> None:
+        """Leave the newest finite parameters current, then raise."""
+        failing_step = self._steps + 1
+        rolled_back = False
+        if not _all_finite(self._params[self._current]):
+            previous = (self._current - 1) % RING_SIZE
+            if self._previous_valid and _all_finite(self._params[previous]):
+                self._current = previous
+                self._steps -= 1
+                self._previous_valid = False
+                rolled_back = True
+        where = (
+            f"parameters rolled back to before step {failing_step - 1}, whose update overflowed"
+            if rolled_back
+            else f"parameters are left as they were before step {failing_step}"
+        )
+        log.warning("train step %d gave loss %s; %s", failing_step, loss, where)
+        raise NonFiniteLossError(
+            f"loss is {loss} at step {failing_step}; {where}. Lower the learning rate or check x for NaN/inf",
+            step=failing_step,
+            loss=loss,
+            rolled_back=rolled_back,
+        )
+
+    # ----------------------------------------------------------------- evaluation
+
+    def evaluate_batch(self, x: np.ndarray, y: np.ndarray) -> tuple[float, np.ndarray]:
+        """Mean loss and model output for one batch, with the current parameters."""
+        manifest = self.session.manifest
+        feed: dict[str, np.ndarray] = {manifest.x.name: x, manifest.y.name: y}
+        current = self._params[self._current]
+        for p in self._param_specs:
+            feed[p.input] = current[p.name]
+        loss, output = self.session.evaluator.run([manifest.loss_output, manifest.eval_output], feed)
+        return float(loss), output
