@@ -1,0 +1,191 @@
+"""Reading and normalising the inference model the user hands to the compiler.
+
+The compiler works on one canonical form: a single float input renamed ``x`` with a dynamic batch
+dimension, a single output, every float tensor in the requested dtype, and static shapes inferred
+for every intermediate value. Doing this once up front keeps the gradient rules simple.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnx
+from google.protobuf.message import DecodeError
+from onnx import TensorProto, numpy_helper
+
+from aggregator.compiler.errors import CompileError
+
+log = logging.getLogger(__name__)
+
+MIN_OPSET, MAX_OPSET = 13, 21
+FLOAT_TYPES = {"float32": TensorProto.FLOAT, "float64": TensorProto.DOUBLE}
+INPUT_NAME = "x"
+BATCH_DIM = "N"
+
+Shape = tuple  # of int | None (None = dynamic or unknown)
+
+
+@dataclass
+class PreparedModel:
+    """The normalised model and what the compiler derived from it."""
+
+    model: onnx.ModelProto
+    opset: int
+    output_name: str
+    params: dict[str, np.ndarray]  # float initializers, in the target dtype
+    constants: dict[str, np.ndarray]  # non-float initializers (shape tensors and the like)
+    shapes: dict[str, Shape]  # value name -> static shape (None for unknown dims)
+    elem_types: dict[str, int]  # value name -> TensorProto element type
+    source: str
+
+
+def load_model(model: onnx.ModelProto | str | Path) -> tuple[onnx.ModelProto, str]:
+    """Return the model proto and a description of where it came from."""
+    if isinstance(model, onnx.ModelProto):
+        return model, model.graph.name or "<ModelProto>"
+    path = Path(model)
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise CompileError(f"cannot read ONNX model {path}: {exc.strerror or exc}") from exc
+    proto = onnx.ModelProto()
+    try:
+        proto.ParseFromString(data)
+    except (DecodeError, RuntimeWarning, ValueError) as exc:
+        raise CompileError(f"{path} is not a valid ONNX model (truncated or corrupt protobuf: {exc})") from exc
+    if not proto.graph.node and not proto.graph.output:
+        raise CompileError(f"{path} is not a valid ONNX model: it holds no graph (truncated or not ONNX?)")
+    return proto, str(path)
+
+
+def _check_opset(model: onnx.ModelProto, source: str) -> int:
+    opset = None
+    for imp in model.opset_import:
+        if imp.domain in ("", "ai.onnx"):
+            opset = int(imp.version)
+    if opset is None:
+        raise CompileError(f"{source} imports no ai.onnx opset")
+    if not MIN_OPSET <= opset <= MAX_OPSET:
+        raise CompileError(
+            f"{source} uses ai.onnx opset {opset}; the compiler accepts opsets {MIN_OPSET} to {MAX_OPSET} "
+            "(re-export with e.g. opset_version=17)"
+        )
+    for node in model.graph.node:
+        if node.domain not in ("", "ai.onnx"):
+            raise CompileError(
+                f"node {node.name!r} uses op {node.domain}::{node.op_type}; only ai.onnx (standard) ops can run "
+                "on a device with plain onnxruntime"
+            )
+    return opset
+
+
+def _convert_float(tensor: TensorProto, target: int) -> TensorProto:
+    if tensor.data_type in FLOAT_TYPES.values() and tensor.data_type != target:
+        dtype = np.float32 if target == TensorProto.FLOAT else np.float64
+        return numpy_helper.from_array(numpy_helper.to_array(tensor).astype(dtype), tensor.name)
+    return tensor
+
+
+def _convert_dtype(model: onnx.ModelProto, target: int) -> None:
+    """Cast every float32/float64 tensor, type annotation and Cast target to ``target``, in place."""
+    graph = model.graph
+    for i, init in enumerate(list(graph.initializer)):
+        graph.initializer[i].CopyFrom(_convert_float(init, target))
+    for node in graph.node:
+        for attr in node.attribute:
+            if attr.type == onnx.AttributeProto.TENSOR:
+                attr.t.CopyFrom(_convert_float(attr.t, target))
+            elif attr.name == "to" and node.op_type == "Cast" and attr.i in FLOAT_TYPES.values():
+                attr.i = target
+            elif attr.type == onnx.AttributeProto.GRAPH:
+                raise CompileError(f"node {node.name!r} ({node.op_type}) has a subgraph; control flow is not supported")
+    for value in list(graph.input) + list(graph.output):
+        if value.type.tensor_type.elem_type in FLOAT_TYPES.values():
+            value.type.tensor_type.elem_type = target
+    del graph.value_info[:]
+
+
+def prepare_model(model: onnx.ModelProto | str | Path, dtype: str) -> PreparedModel:
+    """Load, validate and normalise ``model`` (see module docstring)."""
+    if dtype not in FLOAT_TYPES:
+        raise CompileError(f"dtype must be one of {sorted(FLOAT_TYPES)}, got {dtype!r}")
+    proto, source = load_model(model)
+    proto = onnx.ModelProto.FromString(proto.SerializeToString())  # never mutate the caller's proto
+    try:
+        onnx.checker.check_model(proto)
+    except onnx.checker.ValidationError as exc:
+        raise CompileError(f"{source} is not a valid ONNX model: {str(exc).splitlines()[0]}") from exc
+    opset = _check_opset(proto, source)
+    target = FLOAT_TYPES[dtype]
+    _convert_dtype(proto, target)
+    graph = proto.graph
+
+    init_names = {t.name for t in graph.initializer}
+    real_inputs = [v for v in graph.input if v.name not in init_names]
+    if len(graph.input) != len(real_inputs):  # IR < 4 style: initializers listed as inputs
+        keep = list(real_inputs)
+        del graph.input[:]
+        graph.input.extend(keep)
+    if len(real_inputs) != 1:
+        raise CompileError(
+            f"{source} has {len(real_inputs)} data inputs ({[v.name for v in real_inputs]}); the compiler "
+            "needs exactly one (the batch x)"
+        )
+    if len(graph.output) != 1:
+        raise CompileError(f"{source} has {len(graph.output)} outputs; the compiler needs exactly one")
+    x = real_inputs[0]
+    if x.type.tensor_type.elem_type != target:
+        raise CompileError(f"model input {x.name!r} is not a float tensor")
+    dims = x.type.tensor_type.shape.dim
+    if len(dims) == 0:
+        raise CompileError(f"model input {x.name!r} has no known rank; export it with a shape")
+    dims[0].Clear()
+    dims[0].dim_param = BATCH_DIM
+    for name in ("x", "y", "lr", "step", "loss", "output"):
+        if name in init_names:
+            raise CompileError(f"the model has an initializer named {name!r}, which the bundle reserves")
+    _rename_value(graph, x.name, INPUT_NAME)
+    output_name = graph.output[0].name
+
+    try:
+        inferred = onnx.shape_inference.infer_shapes(proto, check_type=True, strict_mode=True, data_prop=True)
+    except (onnx.shape_inference.InferenceError, onnx.checker.ValidationError) as exc:
+        raise CompileError(f"shape inference failed on {source}: {str(exc).splitlines()[0]}") from exc
+    shapes: dict[str, Shape] = {}
+    elem_types: dict[str, int] = {}
+    for value in list(inferred.graph.input) + list(inferred.graph.value_info) + list(inferred.graph.output):
+        tt = value.type.tensor_type
+        elem_types[value.name] = tt.elem_type
+        if tt.HasField("shape"):
+            shapes[value.name] = tuple(d.dim_value if d.HasField("dim_value") else None for d in tt.shape.dim)
+    params: dict[str, np.ndarray] = {}
+    constants: dict[str, np.ndarray] = {}
+    for init in graph.initializer:
+        array = numpy_helper.to_array(init)
+        shapes[init.name] = tuple(array.shape)
+        elem_types[init.name] = init.data_type
+        (params if init.data_type == target else constants)[init.name] = array
+    for node in graph.node:  # Constant nodes: their values are known at compile time too
+        if node.op_type == "Constant":
+            for attr in node.attribute:
+                if attr.name == "value":
+                    constants[node.output[0]] = numpy_helper.to_array(attr.t)
+    return PreparedModel(proto, opset, output_name, params, constants, shapes, elem_types, source)
+
+
+def _rename_value(graph: onnx.GraphProto, old: str, new: str) -> None:
+    if old == new:
+        return
+    for value in list(graph.input) + list(graph.output) + list(graph.value_info):
+        if value.name == old:
+            value.name = new
+    for node in graph.node:
+        for i, name in enumerate(node.input):
+            if name == old:
+                node.input[i] = new
+        for i, name in enumerate(node.output):
+            if name == old:
+                node.output[i] = new

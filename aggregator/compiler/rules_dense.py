@@ -1,0 +1,221 @@
+"""Gradient rules for dense, elementwise and shape ops (one small rule per op).
+
+Notation: for y = f(a, b), a rule receives dL/dy and returns dL/da, dL/db. Broadcast inputs get
+their gradient summed back to their own shape (``GradContext.unbroadcast``).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from aggregator.compiler.grad_context import GradContext, node_attrs, rule
+
+
+@rule("Identity", "Dropout")
+def identity_grad(ctx: GradContext, node, grads):
+    """Dropout is exported in inference mode (it is the identity), and so is its gradient."""
+    if node.op_type == "Dropout":
+        if len(node.input) > 2 and node.input[2]:
+            mode = ctx.constant(node, node.input[2])
+            if bool(np.asarray(mode)):
+                raise ctx.unsupported(node, "training_mode=True (export the model in eval mode)")
+        if len(node.output) > 1 and node.output[1] and grads[1] is not None:
+            raise ctx.unsupported(node, "using the mask output")
+    return [grads[0]] + [None] * (len(node.input) - 1)
+
+
+@rule("Add", "Sub")
+def add_grad(ctx: GradContext, node, grads):
+    (g,) = grads[:1]
+    a, b = node.input
+    out = node.output[0]
+    ga = ctx.unbroadcast(g, node, out, a) if ctx.needs(a) else None
+    gb = None
+    if ctx.needs(b):
+        gb = ctx.unbroadcast(g, node, out, b)
+        if node.op_type == "Sub":
+            gb = ctx.em.node("Neg", [gb])
+    return [ga, gb]
+
+
+@rule("Mul")
+def mul_grad(ctx: GradContext, node, grads):
+    g = grads[0]
+    a, b = node.input
+    out = node.output[0]
+    ga = ctx.unbroadcast(ctx.em.mul(g, b), node, out, a) if ctx.needs(a) else None
+    gb = ctx.unbroadcast(ctx.em.mul(g, a), node, out, b) if ctx.needs(b) else None
+    return [ga, gb]
+
+
+@rule("Div")
+def div_grad(ctx: GradContext, node, grads):
+    g = grads[0]
+    a, b = node.input
+    out = node.output[0]
+    ga = ctx.unbroadcast(ctx.em.div(g, b), node, out, a) if ctx.needs(a) else None
+    gb = None
+    if ctx.needs(b):  # d(a/b)/db = -y/b
+        gb = ctx.em.node("Neg", [ctx.em.div(ctx.em.mul(g, out), b)])
+        gb = ctx.unbroadcast(gb, node, out, b)
+    return [ga, gb]
+
+
+@rule("Relu")
+def relu_grad(ctx: GradContext, node, grads):
+    positive = ctx.em.node("Greater", [node.output[0], ctx.em.scalar(0.0)])
+    return [ctx.em.node("Where", [positive, grads[0], ctx.em.scalar(0.0)])]
+
+
+@rule("LeakyRelu")
+def leaky_relu_grad(ctx: GradContext, node, grads):
+    alpha = node_attrs(node).get("alpha", 0.01)
+    positive = ctx.em.node("Greater", [node.input[0], ctx.em.scalar(0.0)])
+    return [ctx.em.node("Where", [positive, grads[0], ctx.em.mul(grads[0], ctx.em.scalar(alpha))])]
+
+
+@rule("Sigmoid")
+def sigmoid_grad(ctx: GradContext, node, grads):
+    y = node.output[0]
+    return [ctx.em.mul(ctx.em.mul(grads[0], y), ctx.em.sub(ctx.em.scalar(1.0), y))]
+
+
+@rule("Tanh")
+def tanh_grad(ctx: GradContext, node, grads):
+    y = node.output[0]
+    return [ctx.em.mul(grads[0], ctx.em.sub(ctx.em.scalar(1.0), ctx.em.mul(y, y)))]
+
+
+@rule("Softmax")
+def softmax_grad(ctx: GradContext, node, grads):
+    axis = node_attrs(node).get("axis", -1)
+    y, g = node.output[0], grads[0]
+    dot = ctx.em.reduce("ReduceSum", ctx.em.mul(g, y), [axis], keepdims=True)
+    return [ctx.em.mul(y, ctx.em.sub(g, dot))]
+
+
+@rule("LogSoftmax")
+def log_softmax_grad(ctx: GradContext, node, grads):
+    axis = node_attrs(node).get("axis", -1)
+    y, g = node.output[0], grads[0]
+    total = ctx.em.reduce("ReduceSum", g, [axis], keepdims=True)
+    return [ctx.em.sub(g, ctx.em.mul(ctx.em.node("Exp", [y]), total))]
+
+
+@rule("Gemm")
+def gemm_grad(ctx: GradContext, node, grads):
+    """Y = alpha * A' B' + beta * C with A' = A or A^T, B' = B or B^T; uses Gemm's trans flags, never Transpose."""
+    attrs = node_attrs(node)
+    alpha, beta = float(attrs.get("alpha", 1.0)), float(attrs.get("beta", 1.0))
+    ta, tb = int(attrs.get("transA", 0)), int(attrs.get("transB", 0))
+    a, b = node.input[0], node.input[1]
+    c = node.input[2] if len(node.input) > 2 else ""
+    g = grads[0]
+    em = ctx.em
+    ga = gb = gc = None
+    if ctx.needs(a):
+        if not ta:  # dA = dY B'^T
+            ga = em.node("Gemm", [g, b], alpha=alpha, transB=0 if tb else 1)
+        else:  # dA = B' dY^T
+            ga = em.node("Gemm", [b, g], alpha=alpha, transA=tb, transB=1)
+    if ctx.needs(b):
+        if not tb:  # dB = A'^T dY
+            gb = em.node("Gemm", [a, g], alpha=alpha, transA=0 if ta else 1)
+        else:  # dB = dY^T A'
+            gb = em.node("Gemm", [g, a], alpha=alpha, transA=1, transB=ta)
+    if c and ctx.needs(c):
+        gc = ctx.unbroadcast(g, node, node.output[0], c)
+        if beta != 1.0:
+            gc = em.mul(gc, em.scalar(beta))
+    return [ga, gb, gc][: len(node.input)]
+
+
+@rule("MatMul")
+def matmul_grad(ctx: GradContext, node, grads):
+    """2-D operands use Gemm flags; a batched A times a 2-D B folds the batch into rows; else batched MatMul."""
+    a, b = node.input
+    g = grads[0]
+    em = ctx.em
+    sa, sb = ctx.shape(node, a), ctx.shape(node, b)
+    if len(sa) < 2 or len(sb) < 2:
+        raise ctx.unsupported(node, "a 1-D operand")
+    ga = gb = None
+    if len(sb) == 2:
+        if ctx.needs(a):
+            if len(sa) == 2:
+                ga = em.node("Gemm", [g, b], transB=1)
+            else:
+                ga = em.node("MatMul", [g, em.node("Transpose", [b])])
+        if ctx.needs(b):
+            if len(sa) == 2:
+                gb = em.node("Gemm", [a, g], transA=1)
+            else:
+                k, n = sb
+                gb = em.node("Gemm", [em.reshape(a, [-1, k]), em.reshape(g, [-1, n])], transA=1)
+        return [ga, gb]
+    out = node.output[0]
+    swap_a = list(range(len(sa) - 2)) + [len(sa) - 1, len(sa) - 2]
+    swap_b = list(range(len(sb) - 2)) + [len(sb) - 1, len(sb) - 2]
+    if ctx.needs(a):
+        ga = ctx.unbroadcast(em.node("MatMul", [g, em.node("Transpose", [b], perm=swap_b)]), node, out, a)
+    if ctx.needs(b):
+        gb = ctx.unbroadcast(em.node("MatMul", [em.node("Transpose", [a], perm=swap_a), g]), node, out, b)
+    return [ga, gb]
+
+
+@rule("Flatten", "Reshape", "Squeeze", "Unsqueeze")
+def reshape_grad(ctx: GradContext, node, grads):
+    """Shape-only ops: the gradient is the incoming one, reshaped back to the input's shape."""
+    return [ctx.reshape_like(grads[0], node, node.input[0])] + [None] * (len(node.input) - 1)
+
+
+@rule("Transpose")
+def transpose_grad(ctx: GradContext, node, grads):
+    rank = len(ctx.shape(node, node.input[0]))
+    perm = list(node_attrs(node).get("perm", list(reversed(range(rank)))))
+    inverse = [perm.index(i) for i in range(rank)]
+    return [ctx.em.node("Transpose", [grads[0]], perm=inverse)]
+
+
+@rule("Concat")
+def concat_grad(ctx: GradContext, node, grads):
+    axis = int(node_attrs(node)["axis"])
+    rank = len(ctx.shape(node, node.output[0]))
+    axis = axis % rank
+    sizes = []
+    for name in node.input:
+        size = ctx.shape(node, name)[axis]
+        if size is None:
+            raise ctx.unsupported(node, f"a dynamic size along the concat axis for {name!r}")
+        sizes.append(size)
+    parts = ctx.em.node("Split", [grads[0], ctx.em.ints(sizes)], n_outputs=len(sizes), axis=axis)
+    parts = parts if isinstance(parts, list) else [parts]
+    return [p if ctx.needs(name) else None for p, name in zip(parts, node.input, strict=True)]
+
+
+@rule("ReduceMean")
+def reduce_mean_grad(ctx: GradContext, node, grads):
+    attrs = node_attrs(node)
+    x = node.input[0]
+    in_shape = ctx.shape(node, x)
+    rank = len(in_shape)
+    if ctx.opset >= 18:
+        axes = list(ctx.constant(node, node.input[1]).tolist()) if len(node.input) > 1 and node.input[1] else []
+    else:
+        axes = list(attrs.get("axes", []))
+    if not axes:
+        if attrs.get("noop_with_empty_axes", 0):
+            return [grads[0]] + [None] * (len(node.input) - 1)
+        axes = list(range(rank))
+    axes = sorted(a % rank for a in axes)
+    g = grads[0]
+    if not attrs.get("keepdims", 1):
+        g = ctx.em.unsqueeze(g, axes)
+    em = ctx.em
+    sizes = [in_shape[a] for a in axes]
+    if any(s is None for s in sizes):
+        scale = em.div(em.element_count(node.output[0]), em.element_count(x))
+    else:
+        scale = em.scalar(1.0 / float(np.prod(sizes)))
+    g = em.mul(g, scale)
+    return [em.node("Expand", [g, em.node("Shape", [x])])] + [None] * (len(node.input) - 1)

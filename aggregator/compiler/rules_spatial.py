@@ -1,0 +1,1 @@
+"""Gradient rules for convolution, pooling and batch normalisation."""
