@@ -1,1 +1,201 @@
-"""Gradient rules for convolution, pooling and batch normalisation."""
+"""Gradient rules for convolution, pooling and batch normalisation (N-d, NCHW layout).
+
+Conv:     dX = ConvTranspose(dY, W) with output_padding restoring the input size;
+          dW = a Conv that treats input channels as the batch and the batch as channels (groups fold
+          into the channel axis), so it needs only standard ops and handles groups > 1.
+MaxPool:  the forward MaxPool also emits its Indices; non-overlapping windows scatter back with
+          MaxUnpool (cheap, first-max tie-breaking like PyTorch), overlapping ones with
+          ScatterElements(reduction="add") (opset >= 16).
+AveragePool: dX = ConvTranspose of dY with a constant 1/count kernel per channel.
+BatchNormalization: inference form with frozen running statistics.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+from onnx import helper
+
+from aggregator.compiler.grad_context import GradContext, node_attrs, rule, spatial_attrs
+
+
+def _out_padding(in_size, out_size, kernel, stride, dilation, pad_begin, pad_end):
+    covered = (out_size - 1) * stride + (kernel - 1) * dilation + 1 - pad_begin - pad_end
+    return in_size - covered
+
+
+def _conv_transpose(ctx, node, g, w, x_shape, y_shape, geo, group):
+    rank = len(x_shape) - 2
+    out_pad = [
+        _out_padding(x_shape[2 + i], y_shape[2 + i], geo["kernel"][i], geo["strides"][i], geo["dilations"][i],
+                     geo["pads"][i], geo["pads"][rank + i])
+        for i in range(rank)
+    ]
+    attrs = dict(strides=geo["strides"], pads=geo["pads"], dilations=geo["dilations"], group=group)
+    if any(out_pad):
+        attrs["output_padding"] = out_pad
+    return ctx.em.node("ConvTranspose", [g, w], hint="d_conv_in", **attrs)
+
+
+def _swap01(ctx, name: str, shape: tuple) -> str:
+    """Swap the first two axes; a Reshape when one of them has size 1 (no data movement)."""
+    rank = len(shape)
+    if shape[1] == 1:
+        return ctx.em.reshape(name, [1, -1] + list(shape[2:]))
+    if shape[0] == 1 and all(d is not None for d in shape[1:]):
+        return ctx.em.reshape(name, [shape[1], 1] + list(shape[2:]))
+    return ctx.em.node("Transpose", [name], perm=[1, 0] + list(range(2, rank)))
+
+
+@rule("Conv")
+def conv_grad(ctx: GradContext, node, grads):
+    x, w = node.input[0], node.input[1]
+    b = node.input[2] if len(node.input) > 2 else ""
+    y, g = node.output[0], grads[0]
+    em = ctx.em
+    x_shape = ctx.static_shape(node, x)
+    y_shape = ctx.static_shape(node, y)
+    w_shape = ctx.static_shape(node, w, skip_batch=False)
+    rank = len(x_shape) - 2
+    geo = spatial_attrs(ctx, node, rank, w_shape[2:])
+    group = int(geo["attrs"].get("group", 1))
+    gx = gw = gb = None
+    if ctx.needs(x):
+        gx = _conv_transpose(ctx, node, g, w, x_shape, y_shape, geo, group)
+    if ctx.needs(w):
+        c_in, m_out = x_shape[1], w_shape[0]
+        cg = c_in // group
+        if group == 1:
+            xt = _swap01(ctx, x, x_shape)  # [C, N, *S]
+        else:  # [N, g*Cg, S] -> [Cg, g*N, S], channel blocks ordered by group
+            xg = em.reshape(x, [0, group, cg] + list(x_shape[2:]))
+            xg = em.node("Transpose", [xg], perm=[2, 1, 0] + list(range(3, 3 + rank)))
+            xt = em.reshape(xg, [cg, -1] + list(x_shape[2:]))
+        gt = _swap01(ctx, g, y_shape)  # [M, N, *So]
+        # out[c, m, k] = sum_n sum_o X[n, c, o*stride + k*dilation - pad] * dY[n, m, o]
+        r = em.node("Conv", [xt, gt], hint="d_conv_w", strides=geo["dilations"], dilations=geo["strides"],
+                    pads=geo["pads"], group=group)  # [Cg, M, K']
+        full = [None] * rank
+        for i in range(rank):
+            size = x_shape[2 + i] + geo["pads"][i] + geo["pads"][rank + i]
+            full[i] = (size - ((y_shape[2 + i] - 1) * geo["strides"][i] + 1)) // geo["dilations"][i] + 1
+        gw = _swap01(ctx, r, (cg, m_out, *full))
+        if any(f != k for f, k in zip(full, w_shape[2:], strict=True)):
+            gw = em.node("Slice", [gw, em.ints([0] * rank), em.ints(list(w_shape[2:])), em.ints(range(2, 2 + rank))])
+    if b and ctx.needs(b):
+        gb = em.reduce("ReduceSum", g, [0] + list(range(2, 2 + rank)), keepdims=False)
+    return [gx, gw, gb][: len(node.input)]
+
+
+@rule("MaxPool")
+def max_pool_grad(ctx: GradContext, node, grads):
+    x, y = node.input[0], node.output[0]
+    em = ctx.em
+    x_shape = ctx.static_shape(node, x)
+    rank = len(x_shape) - 2
+    attrs = node_attrs(node)
+    geo = spatial_attrs(ctx, node, rank, attrs["kernel_shape"])
+    if int(attrs.get("storage_order", 0)) != 0:
+        raise ctx.unsupported(node, "storage_order=1")
+    if len(node.output) > 1 and node.output[1]:
+        indices = node.output[1]
+    else:  # ask the forward MaxPool for its argmax indices
+        indices = em.fresh(f"{y}_indices")
+        rewritten = onnx.NodeProto()
+        rewritten.CopyFrom(node)
+        del rewritten.output[:]
+        rewritten.output.extend([y, indices])
+        em.forward_rewrites[y] = rewritten
+    g = grads[0]
+    extent = [(k - 1) * d + 1 for k, d in zip(geo["kernel"], geo["dilations"], strict=True)]
+    overlapping = any(e > s for e, s in zip(extent, geo["strides"], strict=True))
+    if not overlapping and all(d == 1 for d in geo["dilations"]):
+        shape = em.node("Shape", [x])
+        unpool_attrs = dict(kernel_shape=geo["kernel"], strides=geo["strides"])
+        if any(geo["pads"]):
+            unpool_attrs["pads"] = geo["pads"]
+        return [em.node("MaxUnpool", [g, indices, shape], hint="d_maxpool", **unpool_attrs)]
+    if ctx.opset < 16:
+        raise ctx.unsupported(
+            node, "overlapping or dilated windows below opset 16 (ScatterElements reduction='add' needs opset 16)"
+        )
+    total = int(np.prod(x_shape[1:]))
+    zeros = em.node("ConstantOfShape", [em.reshape(em.node("Size", [x]), [1])],
+                    value=helper.make_tensor("zero", em.onnx_dtype, [1], [0.0]))
+    flat = em.node("ScatterElements", [zeros, em.reshape(indices, [-1]), em.reshape(g, [-1])], axis=0,
+                   reduction="add")
+    return [em.reshape(flat, [-1] + list(x_shape[1:]))] if total else [None]
+
+
+@rule("AveragePool")
+def average_pool_grad(ctx: GradContext, node, grads):
+    x, y = node.input[0], node.output[0]
+    em = ctx.em
+    x_shape = ctx.static_shape(node, x)
+    y_shape = ctx.static_shape(node, y)
+    rank = len(x_shape) - 2
+    attrs = node_attrs(node)
+    geo = spatial_attrs(ctx, node, rank, attrs["kernel_shape"])
+    if int(attrs.get("ceil_mode", 0)):
+        raise ctx.unsupported(node, "ceil_mode=1")
+    if any(d != 1 for d in geo["dilations"]):
+        raise ctx.unsupported(node, "dilations other than 1")
+    channels = x_shape[1]
+    g = grads[0]
+    window = float(np.prod(geo["kernel"]))
+    if int(attrs.get("count_include_pad", 0)) or not any(geo["pads"]):
+        kernel = np.full((channels, 1, *geo["kernel"]), 1.0 / window, dtype=em.dtype)
+    else:  # border windows average over fewer elements: divide by each window's own count
+        counts = np.ones((1,), dtype=np.float64)
+        for i in range(rank):
+            size, k, s = x_shape[2 + i], geo["kernel"][i], geo["strides"][i]
+            start = np.arange(y_shape[2 + i]) * s - geo["pads"][i]
+            axis_count = np.minimum(start + k, size) - np.maximum(start, 0)
+            counts = np.multiply.outer(counts, axis_count)
+        counts = counts.reshape((1, 1, *y_shape[2:]))
+        g = em.mul(g, em.const((1.0 / counts).astype(em.dtype), hint="inv_count"))
+        kernel = np.ones((channels, 1, *geo["kernel"]), dtype=em.dtype)
+    w = em.const(kernel, hint="avgpool_kernel")
+    return [_conv_transpose(ctx, node, g, w, x_shape, y_shape, geo, channels)]
+
+
+@rule("GlobalAveragePool")
+def global_average_pool_grad(ctx: GradContext, node, grads):
+    x = node.input[0]
+    x_shape = ctx.static_shape(node, x)
+    em = ctx.em
+    scaled = em.mul(grads[0], em.scalar(1.0 / float(np.prod(x_shape[2:]))))
+    return [em.node("Expand", [scaled, em.node("Shape", [x])])]
+
+
+@rule("BatchNormalization")
+def batch_norm_grad(ctx: GradContext, node, grads):
+    """Inference-mode BN: y = (x - mean) / sqrt(var + eps) * scale + bias, running stats frozen."""
+    attrs = node_attrs(node)
+    if int(attrs.get("training_mode", 0)):
+        raise ctx.unsupported(node, "training_mode=1 (export in eval mode; statistics stay frozen)")
+    if len(node.output) > 1 and any(node.output[1:]):
+        raise ctx.unsupported(node, "running-statistics outputs")
+    x, scale, bias, mean, var = node.input[:5]
+    em = ctx.em
+    x_shape = ctx.shape(node, x)
+    rank = len(x_shape)
+    eps = float(attrs.get("epsilon", 1e-5))
+    bshape = (-1,) + (1,) * (rank - 2)
+    inv_std = 1.0 / np.sqrt(ctx.constant(node, var).astype(np.float64) + eps)
+    g = grads[0]
+    axes = [0] + list(range(2, rank))
+    out = [None] * len(node.input)
+    if ctx.needs(x):
+        if scale in ctx.constants:
+            factor = em.const((ctx.constants[scale] * inv_std).reshape(bshape).astype(em.dtype), hint="bn_factor")
+        else:
+            factor = em.mul(em.reshape(scale, list(bshape)), em.const(inv_std.reshape(bshape).astype(em.dtype)))
+        out[0] = em.mul(g, factor)
+    if ctx.needs(scale):
+        centred = em.sub(x, em.const(ctx.constant(node, mean).reshape(bshape).astype(em.dtype), hint="bn_mean"))
+        x_hat = em.mul(centred, em.const(inv_std.reshape(bshape).astype(em.dtype), hint="bn_inv_std"))
+        out[1] = em.reduce("ReduceSum", em.mul(g, x_hat), axes, keepdims=False)
+    if ctx.needs(bias):
+        out[2] = em.reduce("ReduceSum", g, axes, keepdims=False)
+    return out
