@@ -1,0 +1,1 @@
+"""Host-side privacy accounting (dp-accounting) and noise calibration for distributed DP."""

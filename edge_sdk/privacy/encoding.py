@@ -1,0 +1,150 @@
+"""The update encoder (device) and the matching sum decoder (aggregator), numpy only.
+
+Device: float update -> L2 clip to C -> randomized Hadamard rotation -> scale 1/gamma ->
+conditional stochastic rounding -> integer noise -> mod 2^b as np.uint32 (what SecAgg+ masks).
+
+Aggregator: the mod-2^b sum -> re-centre into [-2^(b-1), 2^(b-1)) -> times gamma -> inverse
+rotation -> divide by the number of contributors.
+
+Each stage is a separate function so benchmarks/privacy.py can time it and tests can check it;
+``encode_update`` and ``decode_sum`` chain them. Both sides live here so they share the maths.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+from edge_sdk.errors import ConfigError
+from edge_sdk.privacy.noise import NoiseMechanism
+from edge_sdk.privacy.rotation import RandomizedHadamard, padded_dimension
+from edge_sdk.privacy.rounding import DEFAULT_BETA, conditional_stochastic_round, rounded_l2_bound
+
+log = logging.getLogger(__name__)
+
+MAX_BITS = 32  # the vectors are np.uint32
+_FLOAT32_EXACT_INTS = 1 << 24
+
+
+@dataclass(frozen=True)
+class EncodingParams:
+    """Everything both sides must agree on to encode and decode one round's updates."""
+
+    dim: int
+    clip: float
+    gamma: float
+    bits: int
+    rotation_seed: bytes
+    beta: float = DEFAULT_BETA
+
+    def __post_init__(self) -> None:
+        if self.dim < 1:
+            raise ConfigError(f"dim must be >= 1, got {self.dim}")
+        if not (self.clip > 0 and math.isfinite(self.clip)):
+            raise ConfigError(f"clip (the L2 bound C) must be a finite number > 0, got {self.clip}")
+        if not (self.gamma > 0 and math.isfinite(self.gamma)):
+            raise ConfigError(f"gamma (the quantisation step) must be a finite number > 0, got {self.gamma}")
+        if not 2 <= self.bits <= MAX_BITS:
+            raise ConfigError(f"bits must be in [2, {MAX_BITS}] for uint32 vectors, got {self.bits}")
+        if not 0.0 < self.beta < 1.0:
+            raise ConfigError(f"beta must be in (0, 1), got {self.beta}")
+        if len(self.rotation_seed) < 16:
+            raise ConfigError(f"rotation_seed must be at least 16 bytes, got {len(self.rotation_seed)}")
+
+    @property
+    def padded_dim(self) -> int:
+        return padded_dimension(self.dim)
+
+    @property
+    def rotation(self) -> RandomizedHadamard:
+        return RandomizedHadamard(self.rotation_seed, self.dim)
+
+    @property
+    def modulus(self) -> int:
+        return 1 << self.bits
+
+    @property
+    def l2_sensitivity(self) -> float:
+        """The L2 bound of one encoded (rounded, pre-noise) vector: the integer-domain sensitivity."""
+        return rounded_l2_bound(self.clip / self.gamma, self.padded_dim, self.beta)
+
+
+def clip_l2(update: np.ndarray, clip: float) -> np.ndarray:
+    """``update`` as float32, scaled down in place (if it is already float32) to L2 norm <= clip."""
+    x = np.asarray(update, dtype=np.float32).reshape(-1)
+    norm = float(np.sqrt(np.dot(x, x)))
+    if not math.isfinite(norm):
+        raise ConfigError("the update contains NaN or infinity; refusing to encode it")
+    if norm > clip:
+        x *= np.float32(clip / norm) * np.float32(1.0 - 1e-6)  # stay strictly inside after float32 rounding
+    return x
+
+
+def scale(rotated: np.ndarray, gamma: float) -> np.ndarray:
+    """Divide by gamma in place (float64 if float32 could not hold the integers exactly)."""
+    peak = float(np.max(np.abs(rotated))) / gamma if rotated.size else 0.0
+    if peak >= _FLOAT32_EXACT_INTS:
+        rotated = rotated.astype(np.float64)
+    rotated *= rotated.dtype.type(1.0 / gamma)
+    return rotated
+
+
+def add_noise(
+    rounded: np.ndarray, mechanism: NoiseMechanism, variance: float, rng: np.random.Generator
+) -> np.ndarray:
+    """Add integer noise of per-coordinate ``variance`` in place (int64)."""
+    if variance > 0:
+        rounded += mechanism.sample(rounded.size, variance, rng)
+    return rounded
+
+
+def to_modular(values: np.ndarray, bits: int) -> np.ndarray:
+    """Reduce int64 values mod 2^bits into np.uint32 (two's complement makes this one AND)."""
+    np.bitwise_and(values, (1 << bits) - 1, out=values)
+    return values.astype(np.uint32)
+
+
+def encode_update(
+    update: np.ndarray,
+    params: EncodingParams,
+    mechanism: NoiseMechanism,
+    noise_variance: float,
+    rng: np.random.Generator,
+) -> np.ndarray:
+    """The device pipeline: a float update of ``params.dim`` entries -> uint32 mod 2^bits.
+
+    ``noise_variance`` is this device's per-coordinate variance in the integer (scaled) domain,
+    i.e. ``(sigma / gamma)^2 / t_honest`` in distributed mode; ``rng`` must be a fresh per-round
+    generator from ``fresh_noise_generator`` (it drives rounding and noise).
+    """
+    flat = np.asarray(update).reshape(-1)
+    if flat.size != params.dim:
+        raise ConfigError(f"update has {flat.size} entries but the round's dim is {params.dim}")
+    clipped = clip_l2(flat, params.clip)
+    rotated = params.rotation.rotate(clipped)
+    scaled = scale(rotated, params.gamma)
+    rounded = conditional_stochastic_round(scaled, params.l2_sensitivity, rng)
+    noisy = add_noise(rounded, mechanism, noise_variance, rng)
+    return to_modular(noisy, params.bits)
+
+
+def centre(total: np.ndarray, bits: int) -> np.ndarray:
+    """Map a mod-2^bits sum into [-2^(bits-1), 2^(bits-1)) as int64."""
+    values = np.bitwise_and(total.astype(np.int64), (1 << bits) - 1)
+    values[values >= (1 << (bits - 1))] -= 1 << bits
+    return values
+
+
+def decode_sum(total: np.ndarray, params: EncodingParams, contributors: int) -> np.ndarray:
+    """The aggregator side: the mod-2^bits sum of ``contributors`` encodings -> their float32 mean."""
+    if contributors < 1:
+        raise ConfigError(f"contributors must be >= 1, got {contributors}")
+    if total.shape != (params.padded_dim,):
+        raise ConfigError(f"the sum must have shape ({params.padded_dim},), got {total.shape}")
+    centred = centre(total, params.bits)
+    dtype = np.float32 if params.bits <= 24 else np.float64
+    unscaled = centred.astype(dtype) * dtype(params.gamma)
+    return params.rotation.unrotate(unscaled) / np.float32(contributors)

@@ -1,0 +1,352 @@
+"""The device's privacy ledger: a durable, append-only record of every participation.
+
+Why write-ahead: the record of a participation must reach stable storage *before* the masked update
+leaves the device, so a crash or power cut can only over-count privacy spent, never under-count it.
+The agent calls ``record`` (which fsyncs) and sends only after it returns.
+
+Format: JSON lines. Each record carries its sequence number, the checksum of the previous record
+(a hash chain, so a deleted or reordered line is detected) and a SHA-256 of its own canonical JSON.
+The first record holds the budget; later ``budget`` records change it; ``participation`` records hold
+a ``ParticipationEvent`` (events, not epsilons: ``spent`` composes them when asked).
+
+Failure policy:
+- a record that fails its checksum or breaks the chain raises ``LedgerCorruptError``; the ledger is
+  never reset or repaired silently (a human decides, see docs/privacy.md);
+- a final line cut short without its newline is a torn write of a record whose fsync never
+  returned, so its update was never sent; it is dropped with a warning. (A torn line that still
+  verifies is kept: over-counting is the safe side.)
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import json
+import logging
+import math
+import os
+import time
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from edge_sdk.errors import ConfigError, FleetlearnError
+from edge_sdk.privacy.participation import ParticipationEvent
+from edge_sdk.privacy.rdp import DEFAULT_ORDERS, epsilon_from_rdp, event_rdp
+
+log = logging.getLogger(__name__)
+
+LEDGER_FORMAT = 1
+_GENESIS = "0" * 64
+
+
+class LedgerError(FleetlearnError):
+    """The privacy ledger cannot be used."""
+
+
+class LedgerCorruptError(LedgerError):
+    """The ledger file fails its checksums or chain; it must be inspected, never silently reset."""
+
+
+class LedgerBusyError(LedgerError):
+    """Another process holds the ledger open."""
+
+
+class BudgetExceededError(LedgerError):
+    """Recording this participation would exceed the device's privacy budget."""
+
+    def __init__(self, decision: BudgetDecision) -> None:
+        super().__init__(decision.reason)
+        self.decision = decision
+
+
+@dataclass(frozen=True)
+class BudgetDecision:
+    """Whether a participation fits the budget, with the figures behind the answer."""
+
+    accepted: bool
+    epsilon_before: float
+    epsilon_after: float
+    local_epsilon_after: float
+    budget_epsilon: float
+    delta: float
+    reason: str
+
+
+@dataclass(frozen=True)
+class LedgerSpend:
+    """Privacy spent so far: central (with the rounds' honest-contributor guarantees) and local-only."""
+
+    epsilon: float
+    local_epsilon: float
+    delta: float
+    budget_epsilon: float
+    participations: int
+
+    @property
+    def remaining_epsilon(self) -> float:
+        return max(0.0, self.budget_epsilon - self.epsilon)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "epsilon_spent": self.epsilon,
+            "epsilon_remaining": self.remaining_epsilon,
+            "local_epsilon_spent": self.local_epsilon,
+            "budget_epsilon": self.budget_epsilon,
+            "delta": self.delta,
+            "participations": self.participations,
+        }
+
+
+def _canonical(record: dict[str, Any]) -> bytes:
+    return json.dumps(record, sort_keys=True, separators=(",", ":"), allow_nan=False).encode()
+
+
+def _checksum(record: dict[str, Any]) -> str:
+    return hashlib.sha256(_canonical({k: v for k, v in record.items() if k != "checksum"})).hexdigest()
+
+
+def _check_budget(budget_epsilon: float, delta: float) -> None:
+    if not (budget_epsilon > 0 and math.isfinite(budget_epsilon)):
+        raise ConfigError(f"budget_epsilon must be a finite number > 0, got {budget_epsilon}")
+    if not 0.0 < delta < 1.0:
+        raise ConfigError(f"delta must be in (0, 1), got {delta}")
+
+
+class DeviceLedger:
+    """An open ledger file; use ``DeviceLedger.open`` and close it (or use it as a context manager)."""
+
+    def __init__(self, path: Path, fd: int, records: list[dict[str, Any]]) -> None:
+        self.path = path
+        self._fd = fd
+        self._records = records
+        self._counts: Counter[ParticipationEvent] = Counter()
+        self._curves: dict[tuple[ParticipationEvent, bool], np.ndarray] = {}
+        self._budget_epsilon = 0.0
+        self._delta = 0.0
+        for record in records:
+            try:
+                self._apply(record)
+            except (ConfigError, KeyError, TypeError, ValueError) as exc:
+                raise LedgerCorruptError(
+                    f"privacy ledger {path}, record {record.get('seq')} has invalid contents: {exc}"
+                ) from exc
+
+    # -- opening -------------------------------------------------------------------------------
+    @classmethod
+    def open(
+        cls, path: str | os.PathLike[str], budget_epsilon: float | None = None, delta: float | None = None
+    ) -> DeviceLedger:
+        """Open (or create, if a budget is given) the ledger at ``path``.
+
+        Giving a budget that differs from the stored one appends a ``budget`` record (so the
+        change itself is on record); omitting it keeps the stored budget.
+        """
+        path = Path(path)
+        if (budget_epsilon is None) != (delta is None):
+            raise ConfigError("give both budget_epsilon and delta, or neither")
+        if budget_epsilon is not None and delta is not None:
+            _check_budget(budget_epsilon, delta)
+        if budget_epsilon is None and not path.exists():
+            raise LedgerError(f"no privacy ledger at {path}; create one by giving a budget (epsilon, delta)")
+        created = False
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_APPEND, 0o600)
+            created = True
+        except FileExistsError:
+            fd = os.open(path, os.O_RDWR | os.O_APPEND)
+        except OSError as exc:
+            raise LedgerError(f"cannot open privacy ledger {path}: {exc}") from exc
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise LedgerBusyError(f"privacy ledger {path} is open in another process") from None
+        try:
+            if created:
+                assert budget_epsilon is not None and delta is not None
+                _fsync_directory(path.parent)
+                ledger = cls(path, fd, [])
+                ledger._append("open", {"format": LEDGER_FORMAT, "budget_epsilon": budget_epsilon, "delta": delta})
+                log.info("created privacy ledger %s with budget epsilon=%g delta=%g", path, budget_epsilon, delta)
+                return ledger
+            ledger = cls(path, fd, _read_records(path, fd))
+        except BaseException:
+            if created and path.exists() and path.stat().st_size == 0:
+                path.unlink()
+            with contextlib.suppress(OSError):
+                os.close(fd)
+            raise
+        if budget_epsilon is not None and delta is not None and (
+            budget_epsilon != ledger._budget_epsilon or delta != ledger._delta
+        ):
+            log.warning(
+                "privacy budget of %s changes from epsilon=%g delta=%g to epsilon=%g delta=%g",
+                path, ledger._budget_epsilon, ledger._delta, budget_epsilon, delta,
+            )
+            ledger._append("budget", {"budget_epsilon": budget_epsilon, "delta": delta})
+        return ledger
+
+    def close(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)  # also releases the flock
+            self._fd = -1
+
+    def __enter__(self) -> DeviceLedger:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- queries -------------------------------------------------------------------------------
+    @property
+    def budget_epsilon(self) -> float:
+        return self._budget_epsilon
+
+    @property
+    def delta(self) -> float:
+        return self._delta
+
+    def participations(self) -> list[tuple[str, ParticipationEvent]]:
+        """Every recorded (round id, event), oldest first."""
+        return [
+            (r["data"]["round"], ParticipationEvent.from_dict(r["data"]["event"]))
+            for r in self._records
+            if r["kind"] == "participation"
+        ]
+
+    def spent(self) -> LedgerSpend:
+        return LedgerSpend(
+            epsilon=self._epsilon(self._counts, local_only=False),
+            local_epsilon=self._epsilon(self._counts, local_only=True),
+            delta=self._delta,
+            budget_epsilon=self._budget_epsilon,
+            participations=sum(self._counts.values()),
+        )
+
+    def check(self, event: ParticipationEvent) -> BudgetDecision:
+        """Would one more participation described by ``event`` stay within the budget?"""
+        before = self._epsilon(self._counts, local_only=False)
+        after_counts = self._counts.copy()
+        after_counts[event] += 1
+        after = self._epsilon(after_counts, local_only=False)
+        local_after = self._epsilon(after_counts, local_only=True)
+        accepted = after <= self._budget_epsilon
+        if accepted:
+            reason = f"epsilon {before:.4g} -> {after:.4g} is within the budget {self._budget_epsilon:.4g}"
+        else:
+            reason = (
+                f"participating would raise epsilon from {before:.4g} to {after:.4g}, over the device budget "
+                f"{self._budget_epsilon:.4g} at delta={self._delta:.3g} (ledger {self.path})"
+            )
+        return BudgetDecision(accepted, before, after, local_after, self._budget_epsilon, self._delta, reason)
+
+    # -- recording -----------------------------------------------------------------------------
+    def record(self, round_id: str, event: ParticipationEvent) -> BudgetDecision:
+        """Check the budget, then durably record the participation (fsynced) before returning.
+
+        Declines with ``BudgetExceededError`` (and a warning log line) when over budget. The caller
+        must send the update only after this returns.
+        """
+        decision = self.check(event)
+        if not decision.accepted:
+            log.warning("declining round %s: %s", round_id, decision.reason)
+            raise BudgetExceededError(decision)
+        self._append("participation", {"round": str(round_id), "event": event.to_dict()})
+        return decision
+
+    # -- internals -----------------------------------------------------------------------------
+    def _epsilon(self, counts: Counter[ParticipationEvent], local_only: bool) -> float:
+        if not counts:
+            return 0.0
+        total = np.zeros_like(DEFAULT_ORDERS)
+        for event, count in counts.items():
+            key = (event, local_only)
+            if key not in self._curves:
+                self._curves[key] = event_rdp(event, DEFAULT_ORDERS, local_only)
+            total = total + count * self._curves[key]
+        return epsilon_from_rdp(DEFAULT_ORDERS, total, self._delta)
+
+    def _apply(self, record: dict[str, Any]) -> None:
+        data = record["data"]
+        if record["kind"] in ("open", "budget"):
+            self._budget_epsilon = float(data["budget_epsilon"])
+            self._delta = float(data["delta"])
+        elif record["kind"] == "participation":
+            self._counts[ParticipationEvent.from_dict(data["event"])] += 1
+
+    def _append(self, kind: str, data: dict[str, Any]) -> None:
+        if self._fd < 0:
+            raise LedgerError(f"privacy ledger {self.path} is closed")
+        record: dict[str, Any] = {
+            "seq": len(self._records),
+            "kind": kind,
+            "time": time.time(),
+            "prev": self._records[-1]["checksum"] if self._records else _GENESIS,
+            "data": data,
+        }
+        record["checksum"] = _checksum(record)
+        line = _canonical(record) + b"\n"
+        written = os.write(self._fd, line)
+        if written != len(line):
+            raise LedgerError(f"short write to privacy ledger {self.path} ({written} of {len(line)} bytes)")
+        os.fsync(self._fd)
+        self._records.append(record)
+        self._apply(record)
+
+
+def _fsync_directory(directory: Path) -> None:
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _read_records(path: Path, fd: int) -> list[dict[str, Any]]:
+    raw = path.read_bytes()
+    lines = raw.split(b"\n")
+    tail = lines.pop()  # b"" when the file ends with a newline
+    records: list[dict[str, Any]] = []
+    for number, line in enumerate(lines, start=1):
+        records.append(_verify(path, number, line, records))
+    if tail:
+        try:
+            records.append(_verify(path, len(lines) + 1, tail, records))
+            os.write(fd, b"\n")
+            os.fsync(fd)
+            log.warning("privacy ledger %s: completed a final record that lacked its newline", path)
+        except LedgerCorruptError:
+            log.warning(
+                "privacy ledger %s: dropping a torn final write of %d bytes (its fsync never returned, "
+                "so its update was never sent)", path, len(tail),
+            )
+            os.ftruncate(fd, len(raw) - len(tail))
+            os.fsync(fd)
+    if not records or records[0]["kind"] != "open":
+        raise LedgerCorruptError(f"privacy ledger {path} has no opening record; inspect it, do not delete it")
+    if records[0]["data"].get("format") != LEDGER_FORMAT:
+        raise LedgerCorruptError(f"privacy ledger {path} has unknown format {records[0]['data'].get('format')!r}")
+    return records
+
+
+def _verify(path: Path, number: int, line: bytes, previous: list[dict[str, Any]]) -> dict[str, Any]:
+    where = f"privacy ledger {path}, line {number}"
+    try:
+        record = json.loads(line)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise LedgerCorruptError(f"{where} is not valid JSON ({exc}); inspect it, do not delete it") from None
+    if not isinstance(record, dict) or not {"seq", "kind", "prev", "data", "checksum"} <= record.keys():
+        raise LedgerCorruptError(f"{where} is missing required fields; inspect it, do not delete it")
+    if record["checksum"] != _checksum(record):
+        raise LedgerCorruptError(f"{where} fails its checksum; inspect it, do not delete it")
+    expected_prev = previous[-1]["checksum"] if previous else _GENESIS
+    if record["seq"] != len(previous) or record["prev"] != expected_prev:
+        raise LedgerCorruptError(f"{where} breaks the record chain (a record was removed or reordered)")
+    if record["kind"] not in ("open", "budget", "participation"):
+        raise LedgerCorruptError(f"{where} has unknown kind {record['kind']!r}")
+    return record
