@@ -1,0 +1,439 @@
+"""The SecAgg+ server state machine: one pure handler per stage, deadlines as explicit ticks.
+
+``start_server`` opens a round, ``handle_server(state, message, now)`` consumes one device
+message, ``tick_server(state, now)`` closes a stage whose deadline has passed. Each returns the
+next state and a list of ``(device_id, message)`` to deliver. A stage also closes early once
+every device still expected has answered.
+
+Bad input from a device (unsigned, mis-signed, replayed from another session or round,
+malformed, or protocol-violating) is rejected with a typed error recorded in
+``state.rejections``, and the sender counts as dropped from then on. Late or duplicate messages
+are recorded but do not drop anyone (MQTT QoS 1 redelivers). Whenever fewer than t devices
+remain, the round aborts with a reason and no result: the server reconstructs nothing.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field, replace
+
+import numpy as np
+
+from aggregator.secagg.unmask import UnmaskInputs, reconstruct_sum
+from edge_sdk.secagg import codec
+from edge_sdk.secagg.errors import (
+    MessageFormatError,
+    ProtocolViolationError,
+    ReconstructionError,
+    ReplayError,
+    SecAggConfigError,
+    SecAggError,
+    SignatureError,
+)
+from edge_sdk.secagg.graph import neighbour_graph
+from edge_sdk.secagg.keys import IdentityKey
+from edge_sdk.secagg.messages import (
+    Abort,
+    AdvertiseKeys,
+    ConsistencyCheck,
+    MaskedInput,
+    Roster,
+    RoundStart,
+    ShareKeys,
+    ShareRelay,
+    Stage,
+    SurvivorSet,
+    UnmaskRequest,
+    UnmaskShares,
+    survivors_digest,
+)
+from edge_sdk.secagg.parameters import SecAggParameters, choose_parameters
+from edge_sdk.secagg.prg import check_bits, modulus_mask
+from edge_sdk.secagg.shamir import decode_share
+
+log = logging.getLogger(__name__)
+
+Outgoing = list  # of (device_id, message)
+
+
+class StaleMessageError(SecAggError):
+    """A late or duplicate message: recorded, but its sender is not penalised."""
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    """Round-independent settings of the aggregator's SecAgg+ role."""
+
+    identity: IdentityKey
+    enrolled: Mapping[str, bytes]  # device id -> Ed25519 identity public key
+    bits: int
+    vector_length: int
+    dropout_fraction: float = 0.05
+    colluding_fraction: float = 0.05
+    degree: int | None = None  # explicit (k, t) for small or test cohorts; else the finder chooses
+    threshold: int | None = None
+    stage_timeout: float = 60.0
+
+    def parameters(self, n: int) -> SecAggParameters:
+        if self.degree is None and self.threshold is None:
+            return choose_parameters(n, self.dropout_fraction, self.colluding_fraction)
+        if self.degree is None or self.threshold is None:
+            raise SecAggConfigError("give both degree and threshold, or neither (then the finder picks them)")
+        degree = min(self.degree, n - 1)
+        if degree < n - 1 and (degree < 2 or degree % 2):
+            raise SecAggConfigError(f"degree k={self.degree} must be even and >= 2 (or >= n-1 for a full graph)")
+        if not 2 <= self.threshold <= degree:
+            raise SecAggConfigError(f"threshold t={self.threshold} must be in [2, k={degree}] for n={n}")
+        return SecAggParameters(n=n, degree=degree, threshold=self.threshold)
+
+
+@dataclass(frozen=True)
+class Rejection:
+    """One rejected device message, for logs, metrics and tests."""
+
+    sender: str
+    message_type: str
+    error: SecAggError
+
+
+@dataclass(frozen=True, eq=False)
+class ServerState:
+    config: ServerConfig
+    round_index: int
+    round_nonce: bytes
+    cohort: tuple[str, ...]
+    stage: Stage = Stage.ADVERTISE_KEYS
+    deadline: float = 0.0
+    adverts: Mapping[str, AdvertiseKeys] = field(default_factory=dict)
+    roster: Roster | None = None
+    session_id: bytes = bytes(32)
+    params: SecAggParameters | None = None
+    index: Mapping[str, int] = field(default_factory=dict)
+    graph: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
+    share_keys: Mapping[str, ShareKeys] = field(default_factory=dict)
+    u2: tuple[str, ...] = ()
+    masked: Mapping[str, np.ndarray] = field(default_factory=dict)
+    accused: frozenset[str] = frozenset()
+    u3: tuple[str, ...] = ()
+    digest: bytes = b""
+    consistency: Mapping[str, bytes] = field(default_factory=dict)
+    u4: tuple[str, ...] = ()
+    requests: Mapping[str, UnmaskRequest] = field(default_factory=dict)
+    unmask: Mapping[str, UnmaskShares] = field(default_factory=dict)
+    offenders: frozenset[str] = frozenset()
+    rejections: tuple[Rejection, ...] = ()
+    result: np.ndarray | None = None
+    abort_reason: str | None = None
+
+    @property
+    def threshold(self) -> int:
+        return self.params.threshold if self.params else 2
+
+    @property
+    def contributors(self) -> tuple[str, ...]:
+        """Devices whose inputs are in ``result`` (empty unless the round is DONE)."""
+        return self.u3 if self.stage is Stage.DONE else ()
+
+
+def start_server(
+    config: ServerConfig, cohort: tuple[str, ...], round_index: int, now: float
+) -> tuple[ServerState, Outgoing]:
+    """Open a round for ``cohort`` (enrolled device ids); sends a signed RoundStart to each."""
+    check_bits(config.bits)
+    unknown = [d for d in cohort if d not in config.enrolled]
+    if unknown:
+        raise SecAggConfigError(f"cohort contains devices that are not enrolled: {unknown[:5]}")
+    if len(set(cohort)) != len(cohort):
+        raise SecAggConfigError("cohort lists a device twice")
+    state = ServerState(config=config, round_index=round_index, round_nonce=os.urandom(32),
+                        cohort=tuple(sorted(cohort)), deadline=now + config.stage_timeout)
+    start = codec.sign(RoundStart(round_index, state.round_nonce, config.bits, config.vector_length),
+                       config.identity)
+    return state, [(d, start) for d in state.cohort]
+
+
+def tick_server(state: ServerState, now: float) -> tuple[ServerState, Outgoing]:
+    """Close the current stage if its deadline has passed."""
+    if state.stage in (Stage.DONE, Stage.ABORTED) or now < state.deadline:
+        return state, []
+    return _CLOSERS[state.stage](state, now)
+
+
+def handle_server(state: ServerState, message: object, now: float) -> tuple[ServerState, Outgoing]:
+    """Consume one device message; the stage closes at once if nobody else is awaited."""
+    if state.stage in (Stage.DONE, Stage.ABORTED):
+        return state, []
+    sender = _sender_of(message)
+    try:
+        state = _HANDLERS[state.stage](state, message)
+    except SecAggError as exc:
+        log.warning("round %d: rejected %s from %r: %s", state.round_index, type(message).__name__, sender, exc)
+        rejection = Rejection(sender, type(message).__name__, exc)
+        offenders = state.offenders
+        if not isinstance(exc, StaleMessageError) and sender in state.config.enrolled:
+            offenders = offenders | {sender}
+        state = replace(state, rejections=state.rejections + (rejection,), offenders=offenders)
+    if _awaited(state) <= _received(state):
+        return _CLOSERS[state.stage](state, now)
+    return state, []
+
+
+# --- bookkeeping --------------------------------------------------------------------------------
+
+def _sender_of(message: object) -> str:
+    return str(getattr(message, "sender", getattr(message, "device_id", "?")))
+
+
+def _awaited(state: ServerState) -> set[str]:
+    expected = {
+        Stage.ADVERTISE_KEYS: state.cohort,
+        Stage.SHARE_KEYS: state.roster.members if state.roster else (),
+        Stage.MASKED_INPUT: state.u2,
+        Stage.CONSISTENCY_CHECK: state.u3,
+        Stage.UNMASK: state.u4,
+    }[state.stage]
+    return set(expected) - state.offenders
+
+
+def _received(state: ServerState) -> set[str]:
+    return set({
+        Stage.ADVERTISE_KEYS: state.adverts,
+        Stage.SHARE_KEYS: state.share_keys,
+        Stage.MASKED_INPUT: state.masked,
+        Stage.CONSISTENCY_CHECK: state.consistency,
+        Stage.UNMASK: state.unmask,
+    }[state.stage])
+
+
+def _check_device_message(state: ServerState, message: object, sender: str, allowed: set[str] | tuple) -> None:
+    """Signature against enrolment, then session and round; raises the matching typed error."""
+    if sender not in state.config.enrolled:
+        raise SignatureError(f"{type(message).__name__} claims sender {sender!r}, which is not enrolled")
+    codec.verify(message, state.config.enrolled[sender], f"device {sender!r}")
+    if message.round_index != state.round_index or message.session_id != state.session_id:
+        raise ReplayError(
+            f"{type(message).__name__} from {sender!r} is for round {message.round_index} session "
+            f"{message.session_id.hex()[:12]}, not round {state.round_index} session {state.session_id.hex()[:12]}"
+        )
+    if sender not in allowed:
+        raise StaleMessageError(f"{sender!r} is not expected in stage {state.stage.name} (dropped earlier)")
+
+
+def _type_check(state: ServerState, message: object, expected: type) -> None:
+    if not isinstance(message, expected):
+        raise StaleMessageError(f"{type(message).__name__} arrived in stage {state.stage.name}")
+
+
+def _abort(state: ServerState, reason: str) -> tuple[ServerState, Outgoing]:
+    log.error("round %d aborted: %s", state.round_index, reason)
+    notice = codec.sign(Abort(state.session_id, state.round_index, reason), state.config.identity)
+    recipients = state.roster.members if state.roster else state.cohort
+    new = replace(state, stage=Stage.ABORTED, abort_reason=reason, result=None)
+    return new, [(d, notice) for d in recipients]
+
+
+def _below_threshold(state: ServerState, survivors: set[str] | tuple, what: str) -> str | None:
+    if len(survivors) < state.threshold:
+        return f"only {len(survivors)} devices {what}, below the threshold t={state.threshold}"
+    return None
+
+
+# --- stage handlers: validate and record one message --------------------------------------------
+
+def _on_advertise(state: ServerState, message: object) -> ServerState:
+    _type_check(state, message, AdvertiseKeys)
+    sender = message.device_id
+    if sender not in state.cohort or sender not in state.config.enrolled:
+        raise SignatureError(f"advert from {sender!r}, which is not in this round's cohort")
+    codec.verify(message, state.config.enrolled[sender], f"device {sender!r}")
+    if message.round_index != state.round_index or message.round_nonce != state.round_nonce:
+        raise ReplayError(f"advert from {sender!r} is for round {message.round_index} with another nonce (replay)")
+    if sender in state.offenders:
+        raise StaleMessageError(f"{sender!r} was dropped earlier in this round")
+    previous = state.adverts.get(sender)
+    if previous is not None:
+        if previous == message:
+            raise StaleMessageError(f"duplicate advert from {sender!r}")
+        raise ProtocolViolationError(f"{sender!r} advertised two different key pairs in one round")
+    return replace(state, adverts={**state.adverts, sender: message})
+
+
+def _on_share_keys(state: ServerState, message: object) -> ServerState:
+    _type_check(state, message, ShareKeys)
+    sender = message.sender
+    _check_device_message(state, message, sender, state.roster.members)
+    if sender in state.share_keys:
+        raise StaleMessageError(f"duplicate ShareKeys from {sender!r}")
+    receivers = [s.receiver for s in message.shares]
+    if any(s.sender != sender for s in message.shares) or sorted(receivers) != sorted(set(receivers)):
+        raise ProtocolViolationError(f"ShareKeys from {sender!r} has foreign or repeated shares")
+    if set(receivers) != set(state.graph[sender]):
+        raise ProtocolViolationError(f"ShareKeys from {sender!r} does not address exactly its neighbours")
+    return replace(state, share_keys={**state.share_keys, sender: message})
+
+
+def _on_masked_input(state: ServerState, message: object) -> ServerState:
+    _type_check(state, message, MaskedInput)
+    sender = message.sender
+    _check_device_message(state, message, sender, state.u2)
+    if sender in state.masked:
+        raise StaleMessageError(f"duplicate MaskedInput from {sender!r}")
+    if message.masked.shape != (state.config.vector_length,):
+        raise ProtocolViolationError(
+            f"masked input from {sender!r} has shape {message.masked.shape}, expected ({state.config.vector_length},)"
+        )
+    if np.any(message.masked > modulus_mask(state.config.bits)):
+        raise ProtocolViolationError(f"masked input from {sender!r} has entries >= 2^{state.config.bits}")
+    if not set(message.rejected) <= set(state.graph[sender]) & set(state.u2):
+        raise ProtocolViolationError(f"{sender!r} rejects shares from devices that never sent it one")
+    return replace(state, masked={**state.masked, sender: message.masked},
+                   accused=state.accused | set(message.rejected))
+
+
+def _on_consistency(state: ServerState, message: object) -> ServerState:
+    _type_check(state, message, ConsistencyCheck)
+    sender = message.sender
+    _check_device_message(state, message, sender, state.u3)
+    if sender in state.consistency:
+        raise StaleMessageError(f"duplicate ConsistencyCheck from {sender!r}")
+    if message.survivors_digest != state.digest:
+        raise ProtocolViolationError(f"{sender!r} signed a different survivor set")
+    return replace(state, consistency={**state.consistency, sender: message.signature})
+
+
+def _on_unmask(state: ServerState, message: object) -> ServerState:
+    _type_check(state, message, UnmaskShares)
+    sender = message.sender
+    _check_device_message(state, message, sender, state.u4)
+    if sender in state.unmask:
+        raise StaleMessageError(f"duplicate UnmaskShares from {sender!r}")
+    request = state.requests[sender]
+    b_owners = [o for o, _ in message.self_mask_shares]
+    s_owners = [o for o, _ in message.mask_key_shares]
+    if not set(b_owners) <= set(request.self_mask_owners) or not set(s_owners) <= set(request.mask_key_owners):
+        raise ProtocolViolationError(f"{sender!r} sent shares that were not requested")
+    if len(set(b_owners)) != len(b_owners) or len(set(s_owners)) != len(s_owners):
+        raise ProtocolViolationError(f"{sender!r} sent two shares for one device")
+    for _, raw in message.self_mask_shares + message.mask_key_shares:
+        try:
+            decode_share(raw)
+        except ReconstructionError as exc:
+            raise MessageFormatError(f"share from {sender!r} is malformed: {exc}") from None
+    return replace(state, unmask={**state.unmask, sender: message})
+
+
+# --- stage closers: decide who is in, and talk to the devices ----------------------------------
+
+def _close_advertise(state: ServerState, now: float) -> tuple[ServerState, Outgoing]:
+    adverts = {d: a for d, a in state.adverts.items() if d not in state.offenders}
+    n = len(adverts)
+    if n < 2:
+        return _abort(state, f"only {n} devices advertised keys; secure aggregation needs at least 2")
+    try:
+        params = state.config.parameters(n)
+    except SecAggConfigError as exc:
+        return _abort(state, f"no safe parameters for {n} devices: {exc}")
+    if n < params.threshold:
+        return _abort(replace(state, params=params), f"only {n} devices advertised keys, below the threshold "
+                                                     f"t={params.threshold}")
+    ordered = tuple(adverts[d] for d in sorted(adverts))
+    roster = codec.sign(Roster(state.round_index, state.round_nonce, state.config.bits, state.config.vector_length,
+                               params.degree, params.threshold, ordered), state.config.identity)
+    session_id = codec.session_id_of(roster)
+    members = roster.members
+    new = replace(state, stage=Stage.SHARE_KEYS, roster=roster, session_id=session_id, params=params,
+                  index={d: i + 1 for i, d in enumerate(members)},
+                  graph=neighbour_graph(members, params.degree, session_id), deadline=now + state.config.stage_timeout)
+    return new, [(d, roster) for d in members]
+
+
+def _close_share_keys(state: ServerState, now: float) -> tuple[ServerState, Outgoing]:
+    u2 = tuple(sorted(d for d in state.share_keys if d not in state.offenders))
+    reason = _below_threshold(state, u2, "shared their keys")
+    if reason:
+        return _abort(replace(state, u2=u2), reason)
+    inbox: dict[str, list] = {u: [] for u in u2}
+    for sender in u2:
+        for share in state.share_keys[sender].shares:
+            if share.receiver in inbox:
+                inbox[share.receiver].append(share)
+    out = [(u, codec.sign(ShareRelay(u, state.session_id, state.round_index, tuple(inbox[u])), state.config.identity))
+           for u in u2]
+    return replace(state, stage=Stage.MASKED_INPUT, u2=u2, deadline=now + state.config.stage_timeout), out
+
+
+def _close_masked_input(state: ServerState, now: float) -> tuple[ServerState, Outgoing]:
+    u3 = tuple(sorted(d for d in state.masked if d not in state.offenders and d not in state.accused))
+    reason = _below_threshold(state, u3, "submitted a masked input")
+    if reason:
+        return _abort(replace(state, u3=u3), reason)
+    digest = survivors_digest(state.session_id, state.round_index, u3)
+    out = [(u, codec.sign(SurvivorSet(u, state.session_id, state.round_index, u3), state.config.identity))
+           for u in u3]
+    new = replace(state, stage=Stage.CONSISTENCY_CHECK, u3=u3, digest=digest,
+                  deadline=now + state.config.stage_timeout)
+    return new, out
+
+
+def _close_consistency(state: ServerState, now: float) -> tuple[ServerState, Outgoing]:
+    u4 = tuple(sorted(d for d in state.consistency if d not in state.offenders))
+    reason = _below_threshold(state, u4, "confirmed the survivor set")
+    if reason:
+        return _abort(replace(state, u4=u4), reason)
+    signatures = tuple((d, state.consistency[d]) for d in u4)
+    u3, dropped = set(state.u3), set(state.u2) - set(state.u3)
+    requests = {}
+    for u in u4:
+        neighbours = set(state.graph[u])
+        requests[u] = codec.sign(
+            UnmaskRequest(u, state.session_id, state.round_index, state.u3, signatures,
+                          tuple(sorted(neighbours & u3)), tuple(sorted(neighbours & dropped))),
+            state.config.identity)
+    new = replace(state, stage=Stage.UNMASK, u4=u4, requests=requests, deadline=now + state.config.stage_timeout)
+    return new, list(requests.items())
+
+
+def _close_unmask(state: ServerState, now: float) -> tuple[ServerState, Outgoing]:
+    responders = sorted(d for d in state.unmask if d not in state.offenders)
+    reason = _below_threshold(state, responders, "sent their unmasking shares")
+    if reason:
+        return _abort(state, reason)
+    b_shares: dict[str, dict[int, int]] = {}
+    s_shares: dict[str, dict[int, int]] = {}
+    for sender in responders:
+        x = state.index[sender]
+        reply = state.unmask[sender]
+        for owner, raw in reply.self_mask_shares:
+            b_shares.setdefault(owner, {})[x] = decode_share(raw)
+        for owner, raw in reply.mask_key_shares:
+            s_shares.setdefault(owner, {})[x] = decode_share(raw)
+    inputs = UnmaskInputs(
+        session_id=state.session_id, round_index=state.round_index, bits=state.config.bits,
+        threshold=state.threshold, index=state.index,
+        s_public={a.device_id: a.s_public for a in state.roster.adverts}, neighbours=state.graph,
+        masked={u: state.masked[u] for u in state.u3}, dropped=set(state.u2) - set(state.u3),
+        self_mask_shares=b_shares, mask_key_shares=s_shares)
+    try:
+        total = reconstruct_sum(inputs)
+    except ReconstructionError as exc:
+        return _abort(state, str(exc))
+    log.info("round %d: unmasked the sum of %d inputs", state.round_index, len(state.u3))
+    return replace(state, stage=Stage.DONE, result=total, deadline=now), []
+
+
+_HANDLERS: dict[Stage, Callable[[ServerState, object], ServerState]] = {
+    Stage.ADVERTISE_KEYS: _on_advertise,
+    Stage.SHARE_KEYS: _on_share_keys,
+    Stage.MASKED_INPUT: _on_masked_input,
+    Stage.CONSISTENCY_CHECK: _on_consistency,
+    Stage.UNMASK: _on_unmask,
+}
+_CLOSERS: dict[Stage, Callable[[ServerState, float], tuple[ServerState, Outgoing]]] = {
+    Stage.ADVERTISE_KEYS: _close_advertise,
+    Stage.SHARE_KEYS: _close_share_keys,
+    Stage.MASKED_INPUT: _close_masked_input,
+    Stage.CONSISTENCY_CHECK: _close_consistency,
+    Stage.UNMASK: _close_unmask,
+}

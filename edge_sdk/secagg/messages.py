@@ -1,0 +1,199 @@
+"""SecAgg+ messages: frozen dataclasses, one per step of the five stages.
+
+Why plain values: the state machines consume and emit these; ``codec`` turns them into canonical
+bytes (for the wire, signatures and associated data) and back. Every message except the share
+ciphertexts carries an Ed25519 ``signature`` over its canonical body; it is empty until signed.
+Client-to-server messages are signed by the device's enrolled identity, server-to-client
+messages by the aggregator's identity.
+"""
+
+from __future__ import annotations
+
+import enum
+import hashlib
+from dataclasses import dataclass
+
+import numpy as np
+
+
+class Stage(enum.IntEnum):
+    """Protocol stages; the value goes into associated data and signatures."""
+
+    ADVERTISE_KEYS = 1
+    SHARE_KEYS = 2
+    MASKED_INPUT = 3
+    CONSISTENCY_CHECK = 4
+    UNMASK = 5
+    DONE = 6
+    ABORTED = 7
+
+
+@dataclass(frozen=True)
+class RoundStart:
+    """Server -> devices: a round begins; ``round_nonce`` makes every advert fresh."""
+
+    round_index: int
+    round_nonce: bytes
+    bits: int
+    vector_length: int
+    signature: bytes = b""
+
+
+@dataclass(frozen=True)
+class AdvertiseKeys:
+    """Device -> server: the device's two X25519 public keys for this round, signed."""
+
+    device_id: str
+    round_index: int
+    round_nonce: bytes
+    c_public: bytes  # share encryption
+    s_public: bytes  # pairwise masks
+    signature: bytes = b""
+
+
+@dataclass(frozen=True)
+class Roster:
+    """Server -> devices: every signed advert plus the parameters; its hash is the session id."""
+
+    round_index: int
+    round_nonce: bytes
+    bits: int
+    vector_length: int
+    degree: int
+    threshold: int
+    adverts: tuple[AdvertiseKeys, ...]
+    signature: bytes = b""
+
+    @property
+    def members(self) -> tuple[str, ...]:
+        return tuple(a.device_id for a in self.adverts)
+
+
+@dataclass(frozen=True)
+class EncryptedShare:
+    """One device's shares for one neighbour, AES-256-GCM encrypted end to end."""
+
+    sender: str
+    receiver: str
+    nonce: bytes
+    ciphertext: bytes
+
+
+@dataclass(frozen=True)
+class SharePlaintext:
+    """What an EncryptedShare decrypts to: one Shamir share of each of the sender's two secrets."""
+
+    sender: str
+    receiver: str
+    self_mask_share: bytes
+    mask_key_share: bytes
+
+
+@dataclass(frozen=True)
+class ShareKeys:
+    """Device -> server: encrypted shares for each neighbour."""
+
+    sender: str
+    session_id: bytes
+    round_index: int
+    shares: tuple[EncryptedShare, ...]
+    signature: bytes = b""
+
+
+@dataclass(frozen=True)
+class ShareRelay:
+    """Server -> device: the shares its neighbours addressed to it (their senders form U2)."""
+
+    receiver: str
+    session_id: bytes
+    round_index: int
+    shares: tuple[EncryptedShare, ...]
+    signature: bytes = b""
+
+
+@dataclass(frozen=True, eq=False)
+class MaskedInput:
+    """Device -> server: y = x + PRG(b) + sum of signed pairwise masks, mod 2^bits.
+
+    ``rejected`` names neighbours whose share failed to decrypt; the server drops them.
+    """
+
+    sender: str
+    session_id: bytes
+    round_index: int
+    rejected: tuple[str, ...]
+    masked: np.ndarray
+    signature: bytes = b""
+
+
+@dataclass(frozen=True)
+class SurvivorSet:
+    """Server -> device: the devices whose masked input enters the sum (U3)."""
+
+    receiver: str
+    session_id: bytes
+    round_index: int
+    survivors: tuple[str, ...]
+    signature: bytes = b""
+
+
+@dataclass(frozen=True)
+class ConsistencyCheck:
+    """Device -> server: the device's signature over the survivor set it was shown."""
+
+    sender: str
+    session_id: bytes
+    round_index: int
+    survivors_digest: bytes
+    signature: bytes = b""
+
+
+@dataclass(frozen=True)
+class UnmaskRequest:
+    """Server -> device: the survivor set, the consistency signatures, and which shares to reveal."""
+
+    receiver: str
+    session_id: bytes
+    round_index: int
+    survivors: tuple[str, ...]
+    consistency: tuple[tuple[str, bytes], ...]
+    self_mask_owners: tuple[str, ...]
+    mask_key_owners: tuple[str, ...]
+    signature: bytes = b""
+
+
+@dataclass(frozen=True)
+class UnmaskShares:
+    """Device -> server: b-shares of surviving neighbours and s-shares of dropped ones."""
+
+    sender: str
+    session_id: bytes
+    round_index: int
+    self_mask_shares: tuple[tuple[str, bytes], ...]
+    mask_key_shares: tuple[tuple[str, bytes], ...]
+    signature: bytes = b""
+
+
+@dataclass(frozen=True)
+class Abort:
+    """Server -> devices: the round is over without a result; ``reason`` says why."""
+
+    session_id: bytes
+    round_index: int
+    reason: str
+    signature: bytes = b""
+
+
+Message = (
+    RoundStart | AdvertiseKeys | Roster | ShareKeys | ShareRelay | MaskedInput | SurvivorSet
+    | ConsistencyCheck | UnmaskRequest | UnmaskShares | Abort
+)
+
+
+def survivors_digest(session_id: bytes, round_index: int, survivors: tuple[str, ...]) -> bytes:
+    """SHA-256 binding a survivor set to its session and round (what consistency signatures cover)."""
+    h = hashlib.sha256(b"fleetlearn/secagg/v1/survivors|" + session_id + round_index.to_bytes(8, "big"))
+    for device_id in sorted(survivors):
+        raw = device_id.encode()
+        h.update(len(raw).to_bytes(2, "big") + raw)
+    return h.digest()

@@ -1,0 +1,115 @@
+"""Shamir secret sharing of 32-byte secrets over GF(2^521 - 1).
+
+Why this field: a Mersenne prime above 2^256 holds any 32-byte secret as one field element and
+Python ints make the arithmetic exact. Shares are evaluated at small positive x (1-based roster
+positions). Reconstruction is Lagrange interpolation at 0; the coefficients depend only on the
+set of x-coordinates, so ``LagrangeCache`` computes them once per subset and with a single modular
+inversion (batch inversion), which is what makes the server's unmask fast.
+"""
+
+from __future__ import annotations
+
+import secrets
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from edge_sdk.secagg.errors import ReconstructionError, SecAggConfigError
+
+PRIME = (1 << 521) - 1
+SHARE_BYTES = 66  # ceil(521 / 8)
+SECRET_BYTES = 32
+
+
+def encode_share(value: int) -> bytes:
+    """A field element as 66 big-endian bytes."""
+    return value.to_bytes(SHARE_BYTES, "big")
+
+
+def decode_share(data: bytes) -> int:
+    """Parse a 66-byte share, refusing values outside the field."""
+    if len(data) != SHARE_BYTES:
+        raise ReconstructionError(f"a share must be {SHARE_BYTES} bytes, got {len(data)}")
+    value = int.from_bytes(data, "big")
+    if value >= PRIME:
+        raise ReconstructionError("share value is not a field element (>= 2^521 - 1)")
+    return value
+
+
+def split_secret(secret: bytes, threshold: int, xs: Sequence[int]) -> dict[int, int]:
+    """Share a 32-byte secret so that any ``threshold`` of the points at ``xs`` rebuild it."""
+    if len(secret) != SECRET_BYTES:
+        raise SecAggConfigError(f"secret must be {SECRET_BYTES} bytes, got {len(secret)}")
+    if threshold < 1 or threshold > len(xs):
+        raise SecAggConfigError(f"threshold must be in [1, {len(xs)}] for {len(xs)} holders, got {threshold}")
+    if len(set(xs)) != len(xs) or any(x <= 0 or x >= PRIME for x in xs):
+        raise SecAggConfigError("share x-coordinates must be distinct, positive field elements")
+    coefficients = [int.from_bytes(secret, "big")] + [secrets.randbelow(PRIME) for _ in range(threshold - 1)]
+    shares = {}
+    for x in xs:
+        acc = 0
+        for c in reversed(coefficients):
+            acc = (acc * x + c) % PRIME
+        shares[x] = acc
+    return shares
+
+
+def lagrange_at_zero(xs: Sequence[int]) -> tuple[int, ...]:
+    """Lagrange basis coefficients at 0 for points ``xs``, using one modular inversion."""
+    if len(set(xs)) != len(xs):
+        raise ReconstructionError(f"duplicate x-coordinates in {sorted(xs)}")
+    numerators = []
+    denominators = []
+    for i, xi in enumerate(xs):
+        num, den = 1, 1
+        for j, xj in enumerate(xs):
+            if i != j:
+                num = num * xj % PRIME
+                den = den * (xj - xi) % PRIME
+        numerators.append(num)
+        denominators.append(den)
+    # Batch inversion: invert the product once, then peel off each denominator.
+    prefix = [1]
+    for den in denominators:
+        prefix.append(prefix[-1] * den % PRIME)
+    inverse = pow(prefix[-1], -1, PRIME)
+    inverses = [0] * len(xs)
+    for i in range(len(xs) - 1, -1, -1):
+        inverses[i] = inverse * prefix[i] % PRIME
+        inverse = inverse * denominators[i] % PRIME
+    return tuple(n * inv % PRIME for n, inv in zip(numerators, inverses, strict=True))
+
+
+def _secret_from_int(value: int) -> bytes:
+    if value >= 1 << (8 * SECRET_BYTES):
+        raise ReconstructionError("reconstructed value exceeds 32 bytes: the shares are inconsistent")
+    return value.to_bytes(SECRET_BYTES, "big")
+
+
+@dataclass
+class LagrangeCache:
+    """Reconstructs many secrets, computing each subset's coefficients once."""
+
+    threshold: int
+    _cache: dict[tuple[int, ...], tuple[int, ...]] = field(default_factory=dict)
+
+    def coefficients(self, xs: tuple[int, ...]) -> tuple[int, ...]:
+        found = self._cache.get(xs)
+        if found is None:
+            found = self._cache[xs] = lagrange_at_zero(xs)
+        return found
+
+    def reconstruct(self, shares: dict[int, int], what: str = "secret") -> bytes:
+        """Rebuild a secret from at least ``threshold`` shares {x: y}; uses the lowest x's."""
+        if len(shares) < self.threshold:
+            raise ReconstructionError(
+                f"cannot reconstruct {what}: {len(shares)} shares received, threshold is {self.threshold}"
+            )
+        xs = tuple(sorted(shares)[: self.threshold])
+        total = sum(c * shares[x] for c, x in zip(self.coefficients(xs), xs, strict=True)) % PRIME
+        return _secret_from_int(total)
+
+
+def reconstruct_secret(shares: dict[int, int], threshold: int) -> bytes:
+    """Rebuild one secret from ``threshold`` or more shares {x: y}."""
+    return LagrangeCache(threshold).reconstruct(shares)
+
