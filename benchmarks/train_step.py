@@ -3,7 +3,7 @@
 Models (batch 32): the MLP 784-128-10 (SGD and Adam) and the CNN 1x28x28 -> conv8 -> pool -> conv16
 -> pool -> fc10 (SGD), each at 1 and 2 threads. All three implementations start from the same
 weights (the model zoo's initializers). The baselines are measured in the same run, interleaved
-with fleetlearn, so a busy machine shifts every column alike. Also: peak RSS (ru_maxrss) of a fresh
+with fleetlearn, so a busy machine shifts every column alike. Also: peak RSS (VmHWM) of a fresh
 process that imports edge_sdk and trains the MLP, next to a process that only imports numpy and
 onnxruntime.
 
@@ -227,8 +227,20 @@ def torch_step_fn(kind: str, optimizer: str, w, x: np.ndarray, y: np.ndarray):
 
 # --------------------------------------------------------------------------- peak RSS
 
-RSS_SCRIPT = """
-import resource, sys
+PEAK_RSS = """
+def peak_rss_kb():
+    # VmHWM, not ru_maxrss: Linux carries ru_maxrss over exec from the forked parent (here a process
+    # with torch loaded), so a child would report the parent's peak.
+    try:
+        with open("/proc/self/status") as f:
+            return int(next(line for line in f if line.startswith("VmHWM:")).split()[1])
+    except (OSError, StopIteration):
+        import resource
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+"""
+
+RSS_SCRIPT = PEAK_RSS + """
+import sys
 import numpy as np
 from edge_sdk.training.session import ModelSession
 from edge_sdk.training.state import TrainingState
@@ -240,13 +252,12 @@ y = rng.integers(0, 10, 32).astype(np.int64)
 for _ in range(200):
     state.train_step(x, y, 0.01)
 host = [m for m in ("onnx", "torch", "scipy", "sklearn", "aggregator") if m in sys.modules]
-print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, ",".join(host))
+print(peak_rss_kb(), ",".join(host))
 """
 
-FLOOR_SCRIPT = """
-import resource
+FLOOR_SCRIPT = PEAK_RSS + """
 import numpy, onnxruntime
-print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+print(peak_rss_kb())
 """
 
 

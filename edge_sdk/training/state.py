@@ -27,7 +27,6 @@ from edge_sdk.training.session import ModelSession
 log = logging.getLogger(__name__)
 
 RING_SIZE = 3
-_CPU = ort.OrtDevice.make("cpu", 0)._get_c_device()
 
 
 class ParameterError(BundleError, ValueError):
@@ -187,9 +186,9 @@ class TrainingState:
         key = ((x.ctypes.data, x.shape), (y.ctypes.data, y.shape))
         if self._bound_xy[binding_index] == key:
             return
-        binding = self._bindings[binding_index]._iobinding
-        binding.bind_input(self._x_name, _CPU, x.dtype, list(x.shape), x.ctypes.data)
-        binding.bind_input(self._y_name, _CPU, y.dtype, list(y.shape), y.ctypes.data)
+        binding = self._bindings[binding_index]
+        binding.bind_input(self._x_name, "cpu", 0, x.dtype.type, list(x.shape), x.ctypes.data)
+        binding.bind_input(self._y_name, "cpu", 0, y.dtype.type, list(y.shape), y.ctypes.data)
         self._bound_xy[binding_index] = key
         self._xy_refs[binding_index] = (x, y)
 
@@ -211,7 +210,7 @@ class TrainingState:
         self._bind_xy(index, x, y)
         self._lr[()] = lr
         self._step_no[()] = self._steps + 1
-        self.session.train_step._sess.run_with_iobinding(self._bindings[index]._iobinding, None)
+        self.session.train_step.run_with_iobinding(self._bindings[index])
         loss = float(self._loss[()])
         if not math.isfinite(loss):
             self._handle_non_finite(loss)
