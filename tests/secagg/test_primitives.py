@@ -1,0 +1,185 @@
+"""Shamir sharing, share encryption, identity signatures and the vector layout."""
+
+from __future__ import annotations
+
+import itertools
+import os
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from edge_sdk.secagg.errors import DecryptionError, ReconstructionError, SecAggConfigError, SignatureError
+from edge_sdk.secagg.keys import AgreementKey, IdentityKey, verify_signature
+from edge_sdk.secagg.shamir import (
+    PRIME,
+    LagrangeCache,
+    decode_share,
+    encode_share,
+    lagrange_at_zero,
+    reconstruct_secret,
+    split_secret,
+)
+from edge_sdk.secagg.share_cipher import associated_data, decrypt_share, encrypt_share, share_encryption_key
+from edge_sdk.secagg.vector_layout import VectorLayout
+
+# --- Shamir -------------------------------------------------------------------------------------
+
+
+def test_shamir_known_answer_for_a_fixed_polynomial():
+    # f(x) = s + 5x + 7x^2 with s = 42: shares at 1, 2, 3 are 54, 80, 120; any 3 rebuild 42.
+    shares = {1: 54, 2: 80, 3: 120}
+    assert reconstruct_secret(shares, 3) == (42).to_bytes(32, "big")
+
+
+def test_field_is_the_mersenne_prime_2_521_minus_1():
+    assert PRIME == 2**521 - 1
+    assert pow(3, PRIME - 1, PRIME) == 1  # Fermat witness, consistent with primality
+
+
+@given(secret=st.binary(min_size=32, max_size=32), threshold=st.integers(1, 6), extra=st.integers(0, 4))
+@settings(max_examples=40, deadline=None)
+def test_any_threshold_subset_of_shares_rebuilds_the_secret(secret, threshold, extra):
+    xs = list(range(1, threshold + extra + 1))
+    shares = split_secret(secret, threshold, xs)
+    for subset in itertools.islice(itertools.combinations(xs, threshold), 10):
+        assert reconstruct_secret({x: shares[x] for x in subset}, threshold) == secret
+
+
+def test_fewer_than_threshold_shares_do_not_rebuild_the_secret():
+    secret = os.urandom(32)
+    shares = split_secret(secret, 4, [1, 2, 3, 4, 5])
+    with pytest.raises(ReconstructionError, match="3 shares received, threshold is 4"):
+        reconstruct_secret({x: shares[x] for x in (1, 2, 3)}, 4)
+    # Interpolating t-1 points as if t-1 were the threshold gives a value unrelated to the secret.
+    with pytest.raises(ReconstructionError, match="exceeds 32 bytes"):
+        reconstruct_secret({x: shares[x] for x in (1, 2, 3)}, 3)
+
+
+def test_batch_inverted_lagrange_coefficients_match_the_textbook_formula():
+    xs = (2, 5, 7, 11)
+    for i, coefficient in enumerate(lagrange_at_zero(xs)):
+        expected = 1
+        for j, xj in enumerate(xs):
+            if i != j:
+                expected = expected * xj * pow(xj - xs[i], -1, PRIME) % PRIME
+        assert coefficient == expected
+
+
+def test_lagrange_cache_computes_each_subset_once():
+    cache = LagrangeCache(3)
+    for _ in range(5):
+        secret = os.urandom(32)
+        assert cache.reconstruct(split_secret(secret, 3, [4, 8, 9, 12]), "s") == secret
+    assert list(cache._cache) == [(4, 8, 9)]
+
+
+def test_share_encoding_round_trips_and_rejects_out_of_field_values():
+    assert decode_share(encode_share(PRIME - 1)) == PRIME - 1
+    with pytest.raises(ReconstructionError, match="not a field element"):
+        decode_share(encode_share(PRIME))
+    with pytest.raises(ReconstructionError, match="66 bytes"):
+        decode_share(b"\x00" * 65)
+
+
+def test_split_refuses_bad_arguments():
+    with pytest.raises(SecAggConfigError, match="32 bytes"):
+        split_secret(b"short", 2, [1, 2])
+    with pytest.raises(SecAggConfigError, match="threshold"):
+        split_secret(bytes(32), 3, [1, 2])
+    with pytest.raises(SecAggConfigError, match="distinct"):
+        split_secret(bytes(32), 2, [1, 1])
+
+
+# --- share encryption -----------------------------------------------------------------------------
+
+
+def _pair_key(session: bytes = b"s" * 32) -> bytes:
+    a, b = AgreementKey.generate(), AgreementKey.generate()
+    assert a.exchange(b.public) == b.exchange(a.public)
+    return share_encryption_key(a.exchange(b.public), session)
+
+
+def test_share_ciphertext_round_trips_with_a_fresh_nonce_each_time():
+    key = _pair_key()
+    aad = associated_data(b"s" * 32, 1, "a", "b", 2)
+    n1, c1 = encrypt_share(key, b"share", aad)
+    n2, c2 = encrypt_share(key, b"share", aad)
+    assert n1 != n2 and c1 != c2 and len(n1) == 12
+    assert decrypt_share(key, n1, c1, aad, "x") == b"share"
+
+
+@pytest.mark.parametrize("field", ["session", "round", "sender", "receiver", "stage"])
+def test_ciphertext_moved_to_another_context_fails_authentication(field):
+    key = _pair_key()
+    base = dict(session_id=b"s" * 32, round_index=1, sender="a", receiver="b", stage=2)
+    nonce, ct = encrypt_share(key, b"share", associated_data(**base))
+    changed = dict(base, **{{"session": "session_id", "round": "round_index"}.get(field, field): {
+        "session": b"t" * 32, "round": 2, "sender": "c", "receiver": "c", "stage": 3}[field]})
+    with pytest.raises(DecryptionError, match="share from a"):
+        decrypt_share(key, nonce, ct, associated_data(**changed), "share from a")
+
+
+def test_flipping_any_ciphertext_byte_is_detected():
+    key = _pair_key()
+    aad = associated_data(b"s" * 32, 1, "a", "b", 2)
+    nonce, ct = encrypt_share(key, b"0123456789", aad)
+    for i in range(len(ct)):
+        tampered = bytearray(ct)
+        tampered[i] ^= 0x01
+        with pytest.raises(DecryptionError, match="authentication failed"):
+            decrypt_share(key, nonce, bytes(tampered), aad, "share")
+
+
+def test_associated_data_fields_cannot_slide_into_each_other():
+    assert associated_data(b"s", 1, "ab", "c", 2) != associated_data(b"s", 1, "a", "bc", 2)
+
+
+# --- identities -----------------------------------------------------------------------------------
+
+
+def test_signatures_verify_only_under_the_signing_identity():
+    alice, mallory = IdentityKey.generate(), IdentityKey.generate()
+    signature = alice.sign(b"roster")
+    verify_signature(alice.public, signature, b"roster", "alice")
+    with pytest.raises(SignatureError, match="does not verify"):
+        verify_signature(mallory.public, signature, b"roster", "alice")
+    with pytest.raises(SignatureError, match="does not verify"):
+        verify_signature(alice.public, signature, b"roster!", "alice")
+    with pytest.raises(SignatureError, match="missing or malformed"):
+        verify_signature(alice.public, b"", b"roster", "alice")
+
+
+def test_identity_repr_does_not_leak_the_private_key():
+    key = IdentityKey.generate()
+    assert key.private.hex() not in repr(key)
+
+
+def test_x25519_refuses_a_low_order_public_key():
+    with pytest.raises(SignatureError, match="low-order"):
+        AgreementKey.generate().exchange(bytes(32))
+
+
+# --- vector layout --------------------------------------------------------------------------------
+
+
+def test_layout_flattens_and_unflattens_a_dict_of_tensors():
+    tensors = {"w": np.arange(6, dtype=np.uint32).reshape(2, 3), "b": np.array([7, 8], dtype=np.uint32)}
+    layout = VectorLayout.of(tensors)
+    flat = layout.flatten(tensors)
+    assert layout.length == 8 and flat.dtype == np.uint32
+    np.testing.assert_array_equal(flat, [7, 8, 0, 1, 2, 3, 4, 5])
+    back = layout.unflatten(flat)
+    assert set(back) == {"w", "b"}
+    np.testing.assert_array_equal(back["w"], tensors["w"])
+
+
+def test_layout_refuses_float_tensors_and_wrong_shapes():
+    layout = VectorLayout(("w",), ((2,),))
+    with pytest.raises(SecAggConfigError, match="uint32"):
+        layout.flatten({"w": np.zeros(2, dtype=np.float32)})
+    with pytest.raises(SecAggConfigError, match="shape"):
+        layout.flatten({"w": np.zeros(3, dtype=np.uint32)})
+    with pytest.raises(SecAggConfigError, match="layout needs"):
+        layout.unflatten(np.zeros(3, dtype=np.uint32))
