@@ -1,0 +1,205 @@
+"""Accountant figures against independent formulas, and the RDP curves at known points."""
+
+from __future__ import annotations
+
+import math
+
+import dp_accounting
+import numpy as np
+import pytest
+from dp_accounting import dp_event
+from dp_accounting.pld import pld_privacy_accountant
+from dp_accounting.rdp import rdp_privacy_accountant
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from scipy import optimize, special, stats
+
+from aggregator.accounting.accountant import FleetAccountant, FleetRdpAccountant, epsilon_of, make_accountant
+from aggregator.accounting.events import SkellamDpEvent, round_dp_event
+from edge_sdk.errors import ConfigError
+from edge_sdk.privacy.encoding import EncodingParams
+from edge_sdk.privacy.participation import participation_event
+from edge_sdk.privacy.rdp import (
+    DEFAULT_ORDERS,
+    composed_rdp,
+    discrete_gaussian_sum_epsilon,
+    epsilon_from_rdp,
+    gaussian_rdp,
+    poisson_subsampled_rdp,
+    skellam_rdp,
+)
+
+SEED = bytes(16)
+
+
+def analytic_gaussian_epsilon(mu: float, delta: float) -> float:
+    """Balle & Wang 2018: the exact epsilon of a Gaussian with sensitivity/std ratio mu."""
+
+    def gap(eps: float) -> float:
+        return stats.norm.cdf(-eps / mu + mu / 2) - math.exp(eps) * stats.norm.cdf(-eps / mu - mu / 2) - delta
+
+    return optimize.brentq(gap, 0.0, 500.0, xtol=1e-12)
+
+
+def classic_rdp_bound(rounds: int, z: float, delta: float) -> float:
+    alphas = np.linspace(1.0001, 2000, 400000)
+    return float(np.min(rounds * alphas / (2 * z * z) + math.log(1 / delta) / (alphas - 1)))
+
+
+@pytest.mark.parametrize("rounds, z, delta", [(100, 10.0, 1e-5), (1000, 20.0, 1e-6), (10, 1.0, 1e-5)])
+def test_composed_gaussian_epsilon_lies_between_the_analytic_gaussian_and_the_classic_rdp_bound(rounds, z, delta):
+    mu = math.sqrt(rounds) / z
+    exact = analytic_gaussian_epsilon(mu, delta)
+    classic = classic_rdp_bound(rounds, z, delta)
+    counts = {dp_event.GaussianDpEvent(z): rounds}
+    rdp_eps = epsilon_of(counts, delta, "rdp")
+    pld_eps = epsilon_of(counts, delta, "pld")
+    assert exact <= rdp_eps <= classic + 1e-9
+    assert exact <= pld_eps <= classic + 1e-9
+    assert pld_eps == pytest.approx(exact, rel=0.01)
+
+
+@pytest.mark.parametrize("q, z, rounds", [(0.01, 1.0, 1000), (0.05, 2.0, 200)])
+def test_poisson_sampled_figures_match_dp_accountings_pld_accountant(q, z, rounds):
+    delta = 1e-6
+    sampled = dp_event.PoissonSampledDpEvent(q, dp_event.GaussianDpEvent(z))
+    reference = pld_privacy_accountant.PLDAccountant(value_discretization_interval=1e-4)
+    reference.compose(sampled, rounds)
+    fine = reference.get_epsilon(delta)
+    ours = epsilon_of({sampled: rounds}, delta, "pld")
+    assert ours == pytest.approx(fine, rel=0.01)
+    # Our generic Zhu-Wang subsampling bound (what Skellam rounds use), fed the Gaussian's curve through the
+    # exactly equivalent zCDP event, never undercuts the PLD figure and still amplifies.
+    zw = epsilon_of({dp_event.PoissonSampledDpEvent(q, dp_event.ZCDpEvent(rho=1 / (2 * z * z))): rounds}, delta)
+    unsampled = epsilon_of({dp_event.GaussianDpEvent(z): rounds}, delta)
+    assert fine * 0.99 <= zw < unsampled / 3
+
+
+@settings(max_examples=12, deadline=None)
+@given(q=st.floats(0.001, 0.5), z=st.floats(0.7, 5.0))
+def test_zhu_wang_bound_brackets_the_exact_subsampled_gaussian_rdp(q, z):
+    orders = np.arange(2, 65, dtype=np.float64)
+    exact = rdp_privacy_accountant._compute_rdp_poisson_subsampled_gaussian(q, z, orders)
+    bound = poisson_subsampled_rdp(orders, q, lambda ls: gaussian_rdp(ls, z))
+    # For the Gaussian the exact binomial expansion has the same terms with coefficient 1 where Zhu-Wang
+    # has 3 (for l >= 3), so exact <= bound <= exact + log(3) / (alpha - 1).
+    assert np.all(bound >= exact - 1e-9)
+    assert np.all(bound <= exact + math.log(3.0) / (orders - 1) + 1e-9)
+
+
+def skellam_renyi_divergence(alpha: int, shift: int, mu: float) -> float:
+    """D_alpha(Sk(mu,mu) + shift || Sk(mu,mu)) by direct summation over the pmf (1-D)."""
+    k = np.arange(-int(40 * math.sqrt(mu)) - 40, int(40 * math.sqrt(mu)) + 40 + shift)
+    log_p = stats.skellam.logpmf(k - shift, mu, mu)
+    log_q = stats.skellam.logpmf(k, mu, mu)
+    finite = np.isfinite(log_p) & np.isfinite(log_q)  # far tails underflow; they carry nothing
+    return float(special.logsumexp(alpha * log_p[finite] + (1 - alpha) * log_q[finite]) / (alpha - 1))
+
+
+@pytest.mark.parametrize("mu, shift", [(2.0, 1), (10.0, 2), (50.0, 5)])
+@pytest.mark.parametrize("alpha", [2, 3, 8])
+def test_skellam_rdp_bounds_the_exact_renyi_divergence(mu, shift, alpha):
+    exact = skellam_renyi_divergence(alpha, shift, mu)
+    bound = float(skellam_rdp(np.array([alpha], dtype=float), shift, shift, mu)[0])
+    assert exact <= bound
+    assert bound <= 2 * exact  # and is not vacuous (it tends to the Gaussian's alpha D^2 / (4 mu))
+
+
+def test_skellam_rdp_known_answer():
+    # alpha=3, D1=4, D2=2, mu=10: 3*4/40 + min((5*4 + 24)/1600, 12/40) = 0.3 + 0.0275.
+    assert skellam_rdp(np.array([3.0]), 4.0, 2.0, 10.0)[0] == pytest.approx(0.3275, rel=1e-12)
+    # A fractional order takes the next integer's value (Renyi divergence is monotone in its order).
+    assert skellam_rdp(np.array([2.5]), 4.0, 2.0, 10.0)[0] == pytest.approx(0.3275, rel=1e-12)
+
+
+def test_skellam_rdp_approaches_the_gaussian_at_large_mu():
+    orders = np.array([2.0, 8.0, 32.0])
+    mu = 1e8
+    gaussian = gaussian_rdp(orders, math.sqrt(2 * mu) / 100.0)
+    np.testing.assert_allclose(skellam_rdp(orders, 100.0 * 10, 100.0, mu), gaussian, rtol=1e-4)
+
+
+def test_discrete_gaussian_sum_known_answers():
+    # One device: tau = 0, so e = D2 / sigma exactly (the Gaussian's zCDP).
+    assert discrete_gaussian_sum_epsilon(3.0, 4.0, 1, 1000) == pytest.approx(1.5, rel=1e-12)
+    # Two devices with sigma^2 = 0.25: tau = 10 exp(-2 pi^2 * 0.25 / 2), e = min(sqrt(D^2/(n s^2) + tau d/2), ...).
+    tau = 10 * math.exp(-(math.pi**2) / 4)
+    first = math.sqrt(4.0 / 0.5 + tau * 10 / 2)
+    second = 2.0 / math.sqrt(0.5) + tau * math.sqrt(10)
+    assert discrete_gaussian_sum_epsilon(2.0, 0.25, 2, 10) == pytest.approx(min(first, second), rel=1e-12)
+
+
+def test_discrete_gaussian_event_is_the_exact_zcdp_statement():
+    params = EncodingParams(dim=500, clip=1.0, gamma=0.01, bits=20, rotation_seed=SEED)
+    event = participation_event(params, "distributed", "discrete_gaussian", 1.0, 10)
+    dp = round_dp_event(event)
+    e = discrete_gaussian_sum_epsilon(event.l2_sensitivity, event.local_variance, 10, event.dim)
+    assert dp == dp_event.ZCDpEvent(rho=e * e / 2, xi=0.0)
+
+
+def test_device_rdp_and_host_accountant_agree():
+    params = EncodingParams(dim=2000, clip=1.0, gamma=1e-3, bits=20, rotation_seed=SEED)
+    for mechanism in ("skellam", "discrete_gaussian"):
+        for q in (None, 0.02):
+            event = participation_event(params, "distributed", mechanism, 1.2, 20, q)
+            device = epsilon_from_rdp(DEFAULT_ORDERS, composed_rdp([(event, 300)]), 1e-6)
+            host = epsilon_of({round_dp_event(event): 300}, 1e-6)
+            assert device == pytest.approx(host, rel=1e-9), (mechanism, q)
+
+
+def test_skellam_without_a_self_selection_coin_gets_no_amplification():
+    params = EncodingParams(dim=2000, clip=1.0, gamma=1e-3, bits=20, rotation_seed=SEED)
+    plain = participation_event(params, "distributed", "skellam", 1.0, 20)
+    coin = participation_event(params, "distributed", "skellam", 1.0, 20, sampling_probability=0.01)
+    assert isinstance(round_dp_event(plain), SkellamDpEvent)
+    assert isinstance(round_dp_event(coin), dp_event.PoissonSampledDpEvent)
+    assert isinstance(round_dp_event(coin, local_only=True), SkellamDpEvent)  # local never amplified
+    assert epsilon_of({round_dp_event(coin): 100}, 1e-6) < epsilon_of({round_dp_event(plain): 100}, 1e-6) / 5
+
+
+def test_fleet_accountant_reports_fleet_and_local_epsilon_every_round():
+    params = EncodingParams(dim=4096, clip=1.0, gamma=1e-3, bits=20, rotation_seed=SEED)
+    fleet = participation_event(params, "distributed", "skellam", 2.0, 50)
+    accountant = FleetAccountant(delta=1e-6)
+    reports = []
+    for r in range(6):
+        participants = {"dev-a": fleet} if r % 2 else {"dev-a": fleet, "dev-b": fleet}
+        reports.append(accountant.record_round(f"round-{r}", fleet, participants))
+    eps = [rep.epsilon for rep in reports]
+    assert eps == sorted(eps) and eps[0] > 0
+    last = reports[-1]
+    assert last.rounds == 6
+    # dev-b took part in 3 rounds, dev-a in 6; each device's own noise (1/50 of the total) is weak.
+    assert last.local_epsilon["dev-b"] < last.local_epsilon["dev-a"]
+    assert last.local_epsilon["dev-a"] > last.epsilon
+    expected_local = epsilon_of({round_dp_event(fleet, local_only=True): 6}, 1e-6)
+    assert last.local_epsilon["dev-a"] == pytest.approx(expected_local, rel=1e-9)
+
+
+def test_off_mode_rounds_are_accounted_as_non_private():
+    params = EncodingParams(dim=100, clip=1.0, gamma=1e-3, bits=20, rotation_seed=SEED)
+    off = participation_event(params, "off", "skellam", 1.0, 10)
+    assert isinstance(round_dp_event(off), dp_event.NonPrivateDpEvent)
+    assert math.isinf(epsilon_of({round_dp_event(off): 1}, 1e-6))
+
+
+def test_pld_accountant_says_plainly_it_cannot_handle_skellam():
+    with pytest.raises(dp_accounting.UnsupportedEventError):
+        epsilon_of({SkellamDpEvent(10.0, 5.0, 100.0): 3}, 1e-6, "pld")
+
+
+def test_fleet_rdp_accountant_composes_skellam_by_count():
+    event = SkellamDpEvent(10.0, 5.0, 100.0)
+    by_count = FleetRdpAccountant()
+    by_count.compose(dp_event.SelfComposedDpEvent(event, 50))
+    one_by_one = FleetRdpAccountant()
+    for _ in range(50):
+        one_by_one.compose(event)
+    np.testing.assert_allclose(by_count.rdp, one_by_one.rdp, rtol=1e-12)
+
+
+def test_unknown_accountant_and_bad_delta_are_config_errors():
+    with pytest.raises(ConfigError, match="accountant"):
+        make_accountant("prv")
+    with pytest.raises(ConfigError, match="delta"):
+        FleetAccountant(delta=0.0)

@@ -1,0 +1,165 @@
+"""Encoder and decoder: round trips, rounding error against its analytic variance, wrap-around."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from aggregator.accounting.calibration import calibrate, smallest_gamma, wrap_probability
+from edge_sdk.errors import ConfigError
+from edge_sdk.privacy.encoding import (
+    EncodingParams,
+    centre,
+    clip_l2,
+    decode_sum,
+    encode_update,
+    scale,
+)
+from edge_sdk.privacy.modes import PrivacyMode, local_noise_variance
+from edge_sdk.privacy.noise import noise_mechanism
+
+SEED = bytes(range(16))
+SKELLAM = noise_mechanism("skellam")
+
+
+def modular_sum(vectors, bits):
+    total = np.zeros_like(vectors[0])
+    for v in vectors:
+        total += v  # uint32 wraps mod 2^32, and 2^bits divides 2^32
+    return total & np.uint32((1 << bits) - 1) if bits < 32 else total
+
+
+def test_encoded_update_is_uint32_mod_2_to_the_bits_of_padded_length():
+    params = EncodingParams(dim=1000, clip=1.0, gamma=1e-3, bits=16, rotation_seed=SEED)
+    x = np.random.default_rng(0).standard_normal(1000)
+    encoded = encode_update(x, params, SKELLAM, 25.0, np.random.default_rng(1))
+    assert encoded.dtype == np.uint32 and encoded.shape == (1024,)
+    assert int(encoded.max()) < 1 << 16
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    dim=st.integers(1, 2000),
+    devices=st.integers(1, 12),
+    bits=st.integers(18, 32),
+    seed=st.integers(0, 2**31),
+)
+def test_noiseless_round_trip_is_within_the_quantisation_bound(dim, devices, bits, seed):
+    rng = np.random.default_rng(seed)
+    gamma = 1e-3
+    params = EncodingParams(dim=dim, clip=1.0, gamma=gamma, bits=bits, rotation_seed=SEED)
+    updates = [clip_l2(rng.standard_normal(dim), 1.0).copy() for _ in range(devices)]
+    encoded = [encode_update(u, params, SKELLAM, 0.0, rng) for u in updates]
+    mean = decode_sum(modular_sum(encoded, bits), params, devices)
+    # Each device's rounding error has L2 norm <= (its conditional bound - unrounded norm) <= gamma * sqrt(D);
+    # the decoded mean's error is the average of those, rotated back (an isometry).
+    err = float(np.linalg.norm(mean - np.mean(updates, axis=0)))
+    assert err <= gamma * np.sqrt(params.padded_dim) + 1e-4
+
+
+def test_round_trip_mse_matches_the_analytic_rounding_variance():
+    rng = np.random.default_rng(11)
+    dim, devices, gamma = 4000, 5, 2e-3
+    params = EncodingParams(dim=dim, clip=1.0, gamma=gamma, bits=24, rotation_seed=SEED)
+    updates = [clip_l2(rng.standard_normal(dim) * 0.02, 1.0).copy() for _ in range(devices)]
+    # Analytic: the rotated, scaled value v rounds with error variance f(1-f), f = v - floor(v). The inverse
+    # rotation gives every output coordinate the average of those variances, and the mean divides by n^2.
+    frac_var = 0.0
+    for u in updates:
+        v = scale(params.rotation.rotate(u), gamma).astype(np.float64)
+        f = v - np.floor(v)
+        frac_var += float(np.sum(f * (1 - f)))
+    predicted = gamma**2 * frac_var / params.padded_dim / devices**2
+    assert predicted <= gamma**2 / 4 / devices
+    mses = []
+    for _ in range(3):
+        encoded = [encode_update(u, params, SKELLAM, 0.0, rng) for u in updates]
+        mean = decode_sum(modular_sum(encoded, 24), params, devices)
+        mses.append(float(np.mean((mean - np.mean(updates, axis=0)) ** 2)))
+    # 3 x 4000 coordinates: the relative standard error of the MSE is about sqrt(2 / 12000) = 1.3%.
+    assert float(np.mean(mses)) == pytest.approx(predicted, rel=0.08)
+
+
+def test_decoded_noise_of_distributed_mode_has_the_central_variance():
+    rng = np.random.default_rng(5)
+    dim, devices, t_honest, gamma, sigma = 2048, 10, 8, 1e-3, 0.05
+    params = EncodingParams(dim=dim, clip=1.0, gamma=gamma, bits=24, rotation_seed=SEED)
+    central_int = (sigma / gamma) ** 2
+    local = local_noise_variance(PrivacyMode.DISTRIBUTED, central_int, t_honest)
+    zero = np.zeros(dim)
+    encoded = [encode_update(zero, params, SKELLAM, local, rng) for _ in range(devices)]
+    total = decode_sum(modular_sum(encoded, 24), params, 1)  # the sum, not the mean
+    # Noise of all 10 devices: 10/8 of the central variance (each honest device adds sigma^2 / 8).
+    expected = sigma**2 * devices / t_honest
+    assert float(np.var(total)) == pytest.approx(expected, rel=0.1)
+
+
+def test_centre_maps_the_modular_sum_to_signed_integers():
+    bits = 8
+    values = np.array([0, 1, 127, 128, 255], dtype=np.uint32)
+    assert centre(values, bits).tolist() == [0, 1, 127, -128, -1]
+
+
+def test_wrap_around_rate_at_the_calibrated_gamma_stays_under_the_configured_probability():
+    cohort, dim, bits = 30, 1024, 14
+    cal = calibrate(target_epsilon=8.0, delta=1e-5, cohort_size=cohort, rounds=5, dim=dim, bits=bits,
+                    population=10**4, dropout_fraction=0.1)
+    assert cal.wrap_probability <= 1e-4
+    params = EncodingParams(dim=dim, clip=cal.clip, gamma=cal.gamma, bits=bits, rotation_seed=SEED)
+    central_int = (cal.noise_multiplier * cal.clip / cal.gamma) ** 2
+    local = local_noise_variance(PrivacyMode.DISTRIBUTED, central_int, cal.honest_contributors)
+    rng = np.random.default_rng(3)
+    direction = rng.standard_normal(dim)  # worst case for wrapping: every device sends the same update
+    half = 1 << (bits - 1)
+
+    def wrapped_vectors(gamma: float, trials: int) -> int:
+        p = EncodingParams(dim=dim, clip=cal.clip, gamma=gamma, bits=bits, rotation_seed=SEED)
+        noise = local * (cal.gamma / gamma) ** 2  # same float-domain noise at the other gamma
+        count = 0
+        for _ in range(trials):
+            exact = np.zeros(p.padded_dim, dtype=np.int64)
+            for _ in range(cohort):
+                enc = encode_update(direction, p, SKELLAM, noise, rng).astype(np.int64)
+                exact += np.where(enc >= half, enc - (1 << bits), enc)  # undo each device's own reduction
+            count += bool(np.any((exact < -half) | (exact >= half)))
+        return count
+
+    # With P(wrap) <= 1e-4 per vector, 3 or more wraps in 60 vectors has probability < 4e-8.
+    assert wrapped_vectors(params.gamma, 60) <= 2
+    # The check can fail: at a third of the calibrated gamma the sum wraps.
+    assert wrapped_vectors(params.gamma / 3, 5) >= 4
+
+
+def test_wrap_bound_is_the_configured_probability_at_the_smallest_gamma():
+    g = smallest_gamma(1.0, 2.0, 100, 80, 1 << 16, 20, 1e-4)
+    assert wrap_probability(g, 1.0, 2.0, 100, 80, 1 << 16, 20) == pytest.approx(1e-4, rel=1e-6)
+
+
+@pytest.mark.parametrize(
+    "kwargs, parameter",
+    [
+        ({"dim": 0}, "dim"),
+        ({"clip": 0.0}, "clip"),
+        ({"gamma": -1.0}, "gamma"),
+        ({"bits": 33}, "bits"),
+        ({"bits": 1}, "bits"),
+        ({"rotation_seed": b"x"}, "rotation_seed"),
+        ({"beta": 1.0}, "beta"),
+    ],
+)
+def test_invalid_encoding_parameters_are_rejected_naming_the_parameter(kwargs, parameter):
+    base = {"dim": 10, "clip": 1.0, "gamma": 0.01, "bits": 16, "rotation_seed": SEED}
+    with pytest.raises(ConfigError, match=parameter):
+        EncodingParams(**{**base, **kwargs})
+
+
+def test_update_of_the_wrong_size_or_with_nan_is_refused():
+    params = EncodingParams(dim=10, clip=1.0, gamma=0.01, bits=16, rotation_seed=SEED)
+    with pytest.raises(ConfigError, match="dim"):
+        encode_update(np.zeros(11), params, SKELLAM, 0.0, np.random.default_rng(0))
+    bad = np.zeros(10)
+    bad[3] = np.nan
+    with pytest.raises(ConfigError, match="NaN"):
+        encode_update(bad, params, SKELLAM, 0.0, np.random.default_rng(0))
