@@ -285,7 +285,40 @@ def _value(name: str, elem_type: int, shape: Sequence) -> onnx.ValueInfoProto:
     return helper.make_tensor_value_info(name, elem_type, dims)
 
 
+def _topological_sort(nodes: list[onnx.NodeProto], available: set[str]) -> list[onnx.NodeProto]:
+    """Order nodes so each comes after its inputs' producers, keeping the given order where it can
+    (optimisations such as update fusion may emit a node after the node that reads it)."""
+    producer = {o: i for i, n in enumerate(nodes) for o in n.output if o}
+    ordered: list[onnx.NodeProto] = []
+    state = [0] * len(nodes)  # 0 new, 1 visiting, 2 done
+
+    def visit(i: int) -> None:
+        stack = [(i, iter(nodes[i].input))]
+        state[i] = 1
+        while stack:
+            j, inputs = stack[-1]
+            for name in inputs:
+                k = producer.get(name)
+                if k is not None and name not in available and state[k] == 0:
+                    state[k] = 1
+                    stack.append((k, iter(nodes[k].input)))
+                    break
+                if k is not None and state[k] == 1 and name not in available:
+                    raise CompileError(f"internal error: the generated graph has a cycle through {name!r}")
+            else:
+                stack.pop()
+                state[j] = 2
+                ordered.append(nodes[j])
+
+    for i in range(len(nodes)):
+        if state[i] == 0:
+            visit(i)
+    return ordered
+
+
 def _make_model(prep, name, nodes, inputs, outputs, initializers) -> onnx.ModelProto:
+    available = {v.name for v in inputs} | {t.name for t in initializers}
+    nodes = _topological_sort(list(nodes), available)
     graph = helper.make_graph(nodes, name, inputs, outputs, initializer=initializers)
     opsets = [helper.make_opsetid("", prep.opset)]
     model = helper.make_model(graph, opset_imports=opsets, producer_name="fleetlearn.compiler")

@@ -36,6 +36,7 @@ class Emitter:
         # Forward nodes a gradient rule replaced (e.g. MaxPool gaining its Indices output),
         # keyed by the node's first output name.
         self.forward_rewrites: dict[str, onnx.NodeProto] = {}
+        self._producers: dict[str, onnx.NodeProto] = {}
 
     def fresh(self, hint: str) -> str:
         """A value name not used anywhere else in the graph."""
@@ -59,8 +60,24 @@ class Emitter:
         else:
             for name in outputs:
                 self._taken.add(name)
-        self.nodes.append(helper.make_node(op, list(inputs), list(outputs), name=self.fresh(f"n_{op}"), **attrs))
+        node = helper.make_node(op, list(inputs), list(outputs), name=self.fresh(f"n_{op}"), **attrs)
+        for name in outputs:
+            self._producers[name] = node
+        self.nodes.append(node)
         return outputs[0] if len(outputs) == 1 else list(outputs)
+
+    def producer(self, name: str) -> onnx.NodeProto | None:
+        """The emitted node that outputs ``name`` (None for forward values, inputs and constants)."""
+        return self._producers.get(name)
+
+    def insert_before(self, anchor: onnx.NodeProto, op: str, inputs: Sequence[str], hint: str, **attrs) -> str:
+        """Emit a node placed just before ``anchor``, keeping the node list topologically sorted."""
+        output = self.fresh(hint)
+        node = helper.make_node(op, list(inputs), [output], name=self.fresh(f"n_{op}"), **attrs)
+        self._producers[output] = node
+        index = next(i for i, n in enumerate(self.nodes) if n is anchor)
+        self.nodes.insert(index, node)
+        return output
 
     def const(self, value, dtype=None, hint: str = "const") -> str:
         """A constant initializer; equal constants share one name.

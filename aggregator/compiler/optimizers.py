@@ -15,6 +15,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import onnx
+
 from aggregator.compiler.emitter import Emitter
 from aggregator.compiler.errors import CompileError
 
@@ -66,17 +68,53 @@ class UpdateEmitter:
     lr: str
     step: str
     _step_scalars: tuple[str, str] | None = None
+    _neg_lr_name: str | None = None
+
+    def _neg_lr(self) -> str:
+        if self._neg_lr_name is None:
+            self._neg_lr_name = self.em.node("Neg", [self.lr], hint="neg_lr")
+        return self._neg_lr_name
 
     def _adam_scalars(self) -> tuple[str, str]:
-        """(lr / (1 - b1^t), sqrt(1 - b2^t))"""
+        """(lr * sqrt(1 - b2^t) / (1 - b1^t), eps * sqrt(1 - b2^t)).
+
+        torch computes p -= lr/bc1 * m / (sqrt(v)/sqrt(bc2) + eps); multiplying numerator and
+        denominator by sqrt(bc2) gives the same value with one elementwise pass fewer per parameter.
+        """
         if self._step_scalars is None:
             em = self.em
             t = em.node("Cast", [self.step], to=em.onnx_dtype)
             one = em.scalar(1.0)
             bc1 = em.sub(one, em.node("Pow", [em.scalar(self.hp["beta1"]), t]))
-            bc2 = em.sub(one, em.node("Pow", [em.scalar(self.hp["beta2"]), t]))
-            self._step_scalars = (em.div(self.lr, bc1, hint="step_size"), em.node("Sqrt", [bc2]))
+            bc2_sqrt = em.node("Sqrt", [em.sub(one, em.node("Pow", [em.scalar(self.hp["beta2"]), t]))])
+            step_size = em.div(em.mul(self.lr, bc2_sqrt), bc1, hint="step_size")
+            self._step_scalars = (step_size, em.mul(bc2_sqrt, em.scalar(self.hp["eps"]), hint="eps_hat"))
         return self._step_scalars
+
+    def _fuse_into_gemm(self, grad: str, accumulator: str, beta: float, scale: str | None, out: str) -> bool:
+        """Rewrite the Gemm that produced ``grad`` into ``out = beta*accumulator + scale*grad``.
+
+        Gemm computes alpha*A*B + beta*C in one pass, so a plain SGD step (C = p, A scaled by -lr) or a
+        momentum buffer update (C = buf, beta = mu) costs no extra elementwise passes over the weight.
+        Only a Gemm without a C input, whose output is used nowhere else, qualifies.
+        """
+        node = self.em.producer(grad)
+        if node is None or node.op_type != "Gemm" or len(node.input) != 2:
+            return False
+        if any(grad in n.input for n in self.em.nodes):
+            return False
+        if scale is not None:
+            # scale the operand the backward pass emitted (the upstream gradient, usually batch-sized)
+            k = 0 if self.em.producer(node.input[0]) is not None or self.em.producer(node.input[1]) is None else 1
+            node.input[k] = self.em.insert_before(node, "Mul", [node.input[k], scale], hint="scaled_grad")
+        node.input.append(accumulator)
+        for attr in node.attribute:
+            if attr.name == "beta":
+                node.attribute.remove(attr)
+                break
+        node.attribute.append(onnx.helper.make_attribute("beta", float(beta)))
+        node.output[0] = out
+        return True
 
     def update(self, param: str, grad: str, state: dict[str, str], out_param: str, out_state: dict[str, str]) -> None:
         em, hp = self.em, self.hp
@@ -84,13 +122,15 @@ class UpdateEmitter:
         if wd and self.optimizer != "adamw":
             grad = em.add(grad, em.mul(param, em.scalar(wd)))
         if self.optimizer == "sgd":
-            em.node("Sub", [param, em.mul(self.lr, grad)], outputs=[out_param])
+            if wd or not self._fuse_into_gemm(grad, param, 1.0, self._neg_lr(), out_param):
+                em.node("Sub", [param, em.mul(self.lr, grad)], outputs=[out_param])
         elif self.optimizer == "momentum":
-            buf = em.node("Add", [em.mul(state["velocity"], em.scalar(hp["momentum"])), grad],
-                          outputs=[out_state["velocity"]])
+            buf = out_state["velocity"]
+            if wd or not self._fuse_into_gemm(grad, state["velocity"], hp["momentum"], None, buf):
+                em.node("Add", [em.mul(state["velocity"], em.scalar(hp["momentum"])), grad], outputs=[buf])
             em.node("Sub", [param, em.mul(self.lr, buf)], outputs=[out_param])
         else:
-            step_size, bc2_sqrt = self._adam_scalars()
+            step_size, eps_hat = self._adam_scalars()
             if self.optimizer == "adamw" and wd:
                 decay = em.sub(em.scalar(1.0), em.mul(self.lr, em.scalar(wd)))
                 param = em.mul(param, decay)
@@ -99,5 +139,5 @@ class UpdateEmitter:
                         outputs=[out_state["m"]])
             v = em.node("Add", [em.mul(state["v"], em.scalar(b2)), em.mul(em.mul(grad, grad), em.scalar(1.0 - b2))],
                         outputs=[out_state["v"]])
-            denom = em.add(em.div(em.node("Sqrt", [v]), bc2_sqrt), em.scalar(hp["eps"]))
+            denom = em.add(em.node("Sqrt", [v]), eps_hat)
             em.node("Sub", [param, em.mul(em.div(m, denom), step_size)], outputs=[out_param])

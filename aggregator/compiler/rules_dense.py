@@ -61,17 +61,24 @@ def div_grad(ctx: GradContext, node, grads):
     return [ga, gb]
 
 
+def _mask(ctx: GradContext, condition: str) -> str:
+    """A 0/1 float mask; Mul by Cast(bool) is several times faster in onnxruntime than Where."""
+    return ctx.em.node("Cast", [condition], to=ctx.em.onnx_dtype)
+
+
 @rule("Relu")
 def relu_grad(ctx: GradContext, node, grads):
     positive = ctx.em.node("Greater", [node.output[0], ctx.em.scalar(0.0)])
-    return [ctx.em.node("Where", [positive, grads[0], ctx.em.scalar(0.0)])]
+    return [ctx.em.mul(grads[0], _mask(ctx, positive))]
 
 
 @rule("LeakyRelu")
 def leaky_relu_grad(ctx: GradContext, node, grads):
-    alpha = node_attrs(node).get("alpha", 0.01)
-    positive = ctx.em.node("Greater", [node.input[0], ctx.em.scalar(0.0)])
-    return [ctx.em.node("Where", [positive, grads[0], ctx.em.mul(grads[0], ctx.em.scalar(alpha))])]
+    """slope = alpha + (1 - alpha) * [x > 0]"""
+    alpha = float(node_attrs(node).get("alpha", 0.01))
+    positive = _mask(ctx, ctx.em.node("Greater", [node.input[0], ctx.em.scalar(0.0)]))
+    slope = ctx.em.add(ctx.em.mul(positive, ctx.em.scalar(1.0 - alpha)), ctx.em.scalar(alpha))
+    return [ctx.em.mul(grads[0], slope)]
 
 
 @rule("Sigmoid")
