@@ -92,14 +92,19 @@ class LedgerSpend:
         return max(0.0, self.budget_epsilon - self.epsilon)
 
     def to_dict(self) -> dict[str, Any]:
+        """JSON-ready figures; an unbounded epsilon (a non-private round) is ``None``."""
         return {
-            "epsilon_spent": self.epsilon,
+            "epsilon_spent": _finite_or_none(self.epsilon),
             "epsilon_remaining": self.remaining_epsilon,
-            "local_epsilon_spent": self.local_epsilon,
+            "local_epsilon_spent": _finite_or_none(self.local_epsilon),
             "budget_epsilon": self.budget_epsilon,
             "delta": self.delta,
             "participations": self.participations,
         }
+
+
+def _finite_or_none(value: float) -> float | None:
+    return value if math.isfinite(value) else None
 
 
 def _canonical(record: dict[str, Any]) -> bytes:
@@ -191,6 +196,17 @@ class DeviceLedger:
             ledger._append("budget", {"budget_epsilon": budget_epsilon, "delta": delta})
         return ledger
 
+    @classmethod
+    def snapshot(cls, path: str | os.PathLike[str]) -> DeviceLedger:
+        """A read-only view that takes no lock, for inspection while an agent holds the ledger.
+
+        A torn final line (a write in progress) is ignored, not repaired; ``record`` is refused.
+        """
+        path = Path(path)
+        if not path.exists():
+            raise LedgerError(f"no privacy ledger at {path}")
+        return cls(path, -1, _read_records(path, None))
+
     def close(self) -> None:
         if self._fd >= 0:
             os.close(self._fd)  # also releases the flock
@@ -281,7 +297,7 @@ class DeviceLedger:
 
     def _append(self, kind: str, data: dict[str, Any]) -> None:
         if self._fd < 0:
-            raise LedgerError(f"privacy ledger {self.path} is closed")
+            raise LedgerError(f"privacy ledger {self.path} is closed or opened read-only")
         record: dict[str, Any] = {
             "seq": len(self._records),
             "kind": kind,
@@ -307,14 +323,15 @@ def _fsync_directory(directory: Path) -> None:
         os.close(fd)
 
 
-def _read_records(path: Path, fd: int) -> list[dict[str, Any]]:
+def _read_records(path: Path, fd: int | None) -> list[dict[str, Any]]:
+    """Verify and return every record; with ``fd`` (a writable, locked ledger), settle a torn tail."""
     raw = path.read_bytes()
     lines = raw.split(b"\n")
     tail = lines.pop()  # b"" when the file ends with a newline
     records: list[dict[str, Any]] = []
     for number, line in enumerate(lines, start=1):
         records.append(_verify(path, number, line, records))
-    if tail:
+    if tail and fd is not None:
         try:
             records.append(_verify(path, len(lines) + 1, tail, records))
             os.write(fd, b"\n")
