@@ -84,8 +84,8 @@ class ServerConfig:
         degree = min(self.degree, n - 1)
         if degree < n - 1 and (degree < 2 or degree % 2):
             raise SecAggConfigError(f"degree k={self.degree} must be even and >= 2 (or >= n-1 for a full graph)")
-        if not 2 <= self.threshold <= degree:
-            raise SecAggConfigError(f"threshold t={self.threshold} must be in [2, k={degree}] for n={n}")
+        if not 2 <= self.threshold <= degree + 1:
+            raise SecAggConfigError(f"threshold t={self.threshold} must be in [2, k+1={degree + 1}] for n={n}")
         return SecAggParameters(n=n, degree=degree, threshold=self.threshold)
 
 
@@ -331,6 +331,8 @@ def _close_advertise(state: ServerState, now: float) -> tuple[ServerState, Outgo
     n = len(adverts)
     if n < 2:
         return _abort(state, f"only {n} devices advertised keys; secure aggregation needs at least 2")
+    if state.config.threshold is not None and n < state.config.threshold:
+        return _abort(state, f"only {n} devices advertised keys, below the threshold t={state.config.threshold}")
     try:
         params = state.config.parameters(n)
     except SecAggConfigError as exc:
@@ -389,7 +391,7 @@ def _close_consistency(state: ServerState, now: float) -> tuple[ServerState, Out
         neighbours = set(state.graph[u])
         requests[u] = codec.sign(
             UnmaskRequest(u, state.session_id, state.round_index, state.u3, signatures,
-                          tuple(sorted(neighbours & u3)), tuple(sorted(neighbours & dropped))),
+                          tuple(sorted((neighbours | {u}) & u3)), tuple(sorted(neighbours & dropped))),
             state.config.identity)
     new = replace(state, stage=Stage.UNMASK, u4=u4, requests=requests, deadline=now + state.config.stage_timeout)
     return new, list(requests.items())

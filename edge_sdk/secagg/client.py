@@ -124,7 +124,7 @@ def tick_client(state: ClientState, now: float) -> tuple[ClientState, Outgoing]:
 
 def handle_client(state: ClientState, message: object, now: float) -> tuple[ClientState, Outgoing]:
     """Feed one server message to the machine; see the module doc for how bad input is treated."""
-    if state.stage in (Stage.DONE, Stage.ABORTED):
+    if state.stage is Stage.ABORTED or (state.stage is Stage.DONE and not isinstance(message, Abort)):
         return state, []
     try:
         if isinstance(message, Abort):
@@ -216,9 +216,9 @@ def _on_roster(state: ClientState, roster: Roster, now: float) -> tuple[ClientSt
     complete = roster.degree == n - 1
     if not (complete or (2 <= roster.degree < n - 1 and roster.degree % 2 == 0)):
         raise ProtocolViolationError(f"roster degree k={roster.degree} is invalid for n={n}")
-    if not state.config.min_threshold <= roster.threshold <= roster.degree:
+    if not state.config.min_threshold <= roster.threshold <= roster.degree + 1:
         raise ProtocolViolationError(
-            f"roster threshold t={roster.threshold} is outside [{state.config.min_threshold}, k={roster.degree}]"
+            f"roster threshold t={roster.threshold} is outside [{state.config.min_threshold}, k+1={roster.degree + 1}]"
         )
     for advert in roster.adverts:
         enrolled = state.config.enrolled.get(advert.device_id)
@@ -234,9 +234,12 @@ def _on_roster(state: ClientState, roster: Roster, now: float) -> tuple[ClientSt
     index = {member: i + 1 for i, member in enumerate(members)}
     neighbours = neighbour_graph(members, roster.degree, session_id)[me]
     adverts = {a.device_id: a for a in roster.adverts}
-    xs = [index[v] for v in neighbours]
+    # Shares go to every neighbour and to the device itself (as in Bonawitz et al.): a survivor
+    # can then vouch for its own self-mask, so t survivors of a complete graph are enough.
+    xs = [index[v] for v in neighbours] + [index[me]]
     b_shares = split_secret(state.self_seed, roster.threshold, xs)
     s_shares = split_secret(state.s_key.private, roster.threshold, xs)
+    own_share = SharePlaintext(me, me, encode_share(b_shares[index[me]]), encode_share(s_shares[index[me]]))
     shares = []
     for v in neighbours:
         plaintext = codec.body_bytes(SharePlaintext(me, v, encode_share(b_shares[index[v]]),
@@ -247,7 +250,7 @@ def _on_roster(state: ClientState, roster: Roster, now: float) -> tuple[ClientSt
         shares.append(EncryptedShare(me, v, nonce, ciphertext))
     out = _sign(state, ShareKeys(me, session_id, roster.round_index, tuple(shares)))
     new = replace(state, stage=Stage.SHARE_KEYS, roster=roster, session_id=session_id, index=index,
-                  neighbours=neighbours, deadline=now + state.config.stage_timeout)
+                  neighbours=neighbours, held_shares={me: own_share}, deadline=now + state.config.stage_timeout)
     return new, [out]
 
 
@@ -258,7 +261,7 @@ def _share_keys(state: ClientState, message: object, now: float) -> tuple[Client
     me = state.config.device_id
     adverts = {a.device_id: a for a in state.roster.adverts}
     senders: list[str] = []
-    held: dict[str, SharePlaintext] = {}
+    held: dict[str, SharePlaintext] = {me: state.held_shares[me]}
     rejected: list[str] = []
     for share in message.shares:
         v = share.sender
@@ -345,7 +348,7 @@ def _consistency_check(state: ClientState, message: object, now: float) -> tuple
         raise ProtocolViolationError(
             f"server asked for self-mask shares of non-survivors {sorted(b_owners - survivors)}"
         )
-    strangers = (b_owners | s_owners) - set(state.share_senders)
+    strangers = (b_owners | s_owners) - set(state.share_senders) - {me}
     if strangers:
         raise ProtocolViolationError(f"server asked for shares of {sorted(strangers)}, which never shared with us")
     held = state.held_shares

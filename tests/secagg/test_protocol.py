@@ -1,0 +1,404 @@
+"""Whole SecAgg+ sessions through the in-memory driver: exact sums, dropouts, aborts, attacks."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from scipy.stats import chisquare
+
+from aggregator.secagg.driver import Fleet, run_session
+from aggregator.secagg.server import ServerConfig
+from edge_sdk.secagg import codec
+from edge_sdk.secagg.client import tick_client
+from edge_sdk.secagg.errors import (
+    ConsistencyError,
+    ProtocolViolationError,
+    ReplayError,
+    SignatureError,
+)
+from edge_sdk.secagg.keys import AgreementKey, IdentityKey
+from edge_sdk.secagg.messages import (
+    AdvertiseKeys,
+    ConsistencyCheck,
+    EncryptedShare,
+    MaskedInput,
+    Roster,
+    ShareKeys,
+    ShareRelay,
+    Stage,
+    SurvivorSet,
+    UnmaskRequest,
+)
+from edge_sdk.secagg.parameters import choose_parameters
+
+DROP_STAGES = [Stage.ADVERTISE_KEYS, Stage.SHARE_KEYS, Stage.MASKED_INPUT, Stage.CONSISTENCY_CHECK, Stage.UNMASK]
+# Devices dropping at these stages have already submitted their masked input: they stay in the sum.
+INPUT_SUBMITTED = {Stage.CONSISTENCY_CHECK, Stage.UNMASK}
+
+
+def ids(n: int) -> list[str]:
+    return [f"dev-{i:02d}" for i in range(n)]
+
+
+def make_inputs(devices: list[str], length: int, bits: int, seed: int = 0) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    return {d: rng.integers(0, 2**bits, length, dtype=np.uint64).astype(np.uint32) for d in devices}
+
+
+def exact_sum(inputs: dict[str, np.ndarray], contributors, bits: int) -> np.ndarray:
+    total = np.zeros(next(iter(inputs.values())).size, dtype=np.uint64)
+    for d in contributors:
+        total += inputs[d]
+    return (total % (1 << bits)).astype(np.uint32)
+
+
+def setup(n: int, degree: int | None, threshold: int | None, length: int = 32, bits: int = 16, seed: int = 0):
+    devices = ids(n)
+    fleet = Fleet.enrol(devices)
+    config = ServerConfig(fleet.server_identity, fleet.enrolled, bits, length, degree=degree, threshold=threshold)
+    return devices, fleet, config, make_inputs(devices, length, bits, seed)
+
+
+def resign_as_server(fleet: Fleet, message):
+    return codec.sign(message, fleet.server_identity)
+
+
+# --- correctness ----------------------------------------------------------------------------------
+
+
+def test_unmasked_result_is_the_exact_sum_of_every_input():
+    devices, fleet, config, inputs = setup(10, 4, 3)
+    outcome = run_session(fleet, config, inputs)
+    assert not outcome.aborted, outcome.abort_reason
+    assert outcome.server.contributors == tuple(devices)
+    np.testing.assert_array_equal(outcome.result, exact_sum(inputs, devices, 16))
+    assert all(c.stage is Stage.DONE for c in outcome.clients.values())
+
+
+@pytest.mark.parametrize("stage", DROP_STAGES, ids=lambda s: s.name)
+def test_sum_is_exact_over_survivors_with_dropouts_at_each_stage(stage):
+    devices, fleet, config, inputs = setup(12, 6, 3)
+    dropped = {devices[1], devices[7]}
+    outcome = run_session(fleet, config, inputs, drop_at={stage: dropped})
+    assert not outcome.aborted, outcome.abort_reason
+    expected = set(devices) if stage in INPUT_SUBMITTED else set(devices) - dropped
+    assert set(outcome.server.contributors) == expected
+    np.testing.assert_array_equal(outcome.result, exact_sum(inputs, expected, 16))
+
+
+def test_sum_is_exact_with_dropouts_at_every_stage_in_one_round():
+    devices, fleet, config, inputs = setup(16, 8, 4, bits=32)
+    drops = {stage: {devices[i]} for i, stage in enumerate(DROP_STAGES)}
+    outcome = run_session(fleet, config, inputs, drop_at=drops)
+    assert not outcome.aborted, outcome.abort_reason
+    expected = set(devices) - set(devices[:3])
+    assert set(outcome.server.contributors) == expected
+    np.testing.assert_array_equal(outcome.result, exact_sum(inputs, expected, 32))
+
+
+@st.composite
+def sessions(draw):
+    n = draw(st.integers(3, 9))
+    full = draw(st.booleans()) or n <= 4
+    degree = n - 1 if full else draw(st.sampled_from(list(range(2, n - 1, 2))))
+    threshold = draw(st.integers(2, degree + 1))
+    length = draw(st.integers(1, 40))
+    bits = draw(st.integers(8, 32))
+    drop = draw(st.lists(st.sampled_from([None, *DROP_STAGES]), min_size=n, max_size=n))
+    return n, degree, threshold, length, bits, drop, draw(st.integers(0, 2**16))
+
+
+@given(sessions())
+@settings(max_examples=25, deadline=None)
+def test_property_result_is_exact_sum_mod_2_to_the_b_or_a_clean_abort(session):
+    n, degree, threshold, length, bits, drop, seed = session
+    devices, fleet, config, inputs = setup(n, degree, threshold, length, bits, seed)
+    drop_at: dict[Stage, set[str]] = {}
+    for device, stage in zip(devices, drop, strict=True):
+        if stage is not None:
+            drop_at.setdefault(stage, set()).add(device)
+    outcome = run_session(fleet, config, inputs, drop_at=drop_at)
+    if outcome.aborted:
+        assert outcome.result is None
+        assert "below the threshold" in outcome.abort_reason or "cannot reconstruct" in outcome.abort_reason
+    else:
+        early = {d for s in (Stage.ADVERTISE_KEYS, Stage.SHARE_KEYS, Stage.MASKED_INPUT) for d in drop_at.get(s, ())}
+        assert set(outcome.server.contributors) == set(devices) - early
+        np.testing.assert_array_equal(outcome.result, exact_sum(inputs, outcome.server.contributors, bits))
+
+
+# --- thresholds -----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("stage", DROP_STAGES, ids=lambda s: s.name)
+def test_unmask_aborts_below_threshold_and_reveals_nothing(stage):
+    devices, fleet, config, inputs = setup(7, 6, 4)
+    outcome = run_session(fleet, config, inputs, drop_at={stage: set(devices[:4])})  # t - 1 = 3 remain
+    assert outcome.aborted and outcome.result is None
+    assert "below the threshold t=4" in outcome.abort_reason
+    if stage is not Stage.UNMASK:
+        assert outcome.server.unmask == {}  # no device revealed a single share
+    for device in devices[4:]:
+        assert outcome.clients[device].stage is Stage.ABORTED
+        assert "aborted the round" in outcome.clients[device].abort_reason
+
+
+@pytest.mark.parametrize("stage", DROP_STAGES, ids=lambda s: s.name)
+def test_round_succeeds_with_exactly_threshold_survivors(stage):
+    devices, fleet, config, inputs = setup(7, 6, 4)
+    outcome = run_session(fleet, config, inputs, drop_at={stage: set(devices[:3])})
+    assert not outcome.aborted, outcome.abort_reason
+    np.testing.assert_array_equal(outcome.result, exact_sum(inputs, outcome.server.contributors, 16))
+
+
+def test_finder_parameters_run_a_full_session():
+    devices, fleet, config, inputs = setup(40, None, None)
+    outcome = run_session(fleet, config, inputs, drop_at={Stage.MASKED_INPUT: {devices[3], devices[20]}})
+    assert not outcome.aborted, outcome.abort_reason
+    chosen = choose_parameters(40, config.dropout_fraction, config.colluding_fraction)
+    assert outcome.server.params == chosen and chosen.degree < 39  # a sparse Harary graph
+    np.testing.assert_array_equal(outcome.result, exact_sum(inputs, outcome.server.contributors, 16))
+
+
+# --- malicious server -------------------------------------------------------------------------------
+
+
+def _rewrite_unmask_request(fleet: Fleet, victim: str, change):
+    def hook(device, message):
+        if device == victim and isinstance(message, UnmaskRequest):
+            return resign_as_server(fleet, change(message))
+        return message
+
+    return hook
+
+
+def test_client_refuses_to_reveal_both_shares_of_one_device():
+    devices, fleet, config, inputs = setup(8, 4, 2)
+    victim = devices[0]
+
+    def ask_both(request: UnmaskRequest) -> UnmaskRequest:
+        target = request.self_mask_owners[0]
+        return dataclasses.replace(request, mask_key_owners=request.mask_key_owners + (target,))
+
+    outcome = run_session(fleet, config, inputs, drop_at={Stage.MASKED_INPUT: {devices[4]}},
+                          downlink_hook=_rewrite_unmask_request(fleet, victim, ask_both))
+    client = outcome.clients[victim]
+    assert client.stage is Stage.ABORTED
+    assert isinstance(client.error, ProtocolViolationError) and "both" in str(client.error)
+    assert victim not in outcome.server.unmask
+
+
+def test_client_refuses_the_mask_key_share_of_a_device_that_submitted_input():
+    devices, fleet, config, inputs = setup(8, 4, 2)
+    victim = devices[0]
+
+    def ask_mask_key_of_survivor(request: UnmaskRequest) -> UnmaskRequest:
+        target = request.self_mask_owners[0]
+        return dataclasses.replace(request, self_mask_owners=request.self_mask_owners[1:],
+                                   mask_key_owners=request.mask_key_owners + (target,))
+
+    outcome = run_session(fleet, config, inputs, downlink_hook=_rewrite_unmask_request(fleet, victim,
+                                                                                       ask_mask_key_of_survivor))
+    client = outcome.clients[victim]
+    assert client.stage is Stage.ABORTED
+    assert isinstance(client.error, ProtocolViolationError) and "submitted input" in str(client.error)
+    assert victim not in outcome.server.unmask
+
+
+def test_consistency_check_catches_different_survivor_sets_sent_to_different_clients():
+    devices, fleet, config, inputs = setup(8, 7, 3)
+    group_b = set(devices[4:])
+    stolen: dict[str, bytes] = {}
+
+    def downlink(device, message):
+        if isinstance(message, SurvivorSet) and device in group_b:
+            # The server tells group B that devices[0] dropped, while group A is told it survived.
+            fewer = tuple(d for d in message.survivors if d != devices[0])
+            return resign_as_server(fleet, dataclasses.replace(message, survivors=fewer))
+        if isinstance(message, UnmaskRequest) and device not in group_b:
+            # ... then shows group A every signature it collected, B's included.
+            extra = tuple(sorted(stolen.items()))
+            return resign_as_server(fleet, dataclasses.replace(message, consistency=message.consistency + extra))
+        return message
+
+    def uplink(device, message):
+        if isinstance(message, ConsistencyCheck) and device in group_b:
+            stolen[device] = message.signature
+        return message
+
+    outcome = run_session(fleet, config, inputs, uplink_hook=uplink, downlink_hook=downlink)
+    for device in devices[:4]:
+        client = outcome.clients[device]
+        assert client.stage is Stage.ABORTED
+        assert isinstance(client.error, ConsistencyError) and "survivor sets differ" in str(client.error)
+    assert not set(outcome.server.unmask) & set(devices[:4])
+
+
+def test_consistency_check_needs_threshold_many_signatures_over_the_same_set():
+    devices, fleet, config, inputs = setup(6, 5, 4)
+    victim = devices[0]
+
+    def keep_two(request: UnmaskRequest) -> UnmaskRequest:
+        return dataclasses.replace(request, consistency=request.consistency[:2])
+
+    outcome = run_session(fleet, config, inputs, downlink_hook=_rewrite_unmask_request(fleet, victim, keep_two))
+    client = outcome.clients[victim]
+    assert isinstance(client.error, ConsistencyError) and "only 2 devices confirmed" in str(client.error)
+
+
+def test_clients_catch_a_substituted_public_key_by_its_signature():
+    devices, fleet, config, inputs = setup(6, 5, 3)
+    attacker_key = AgreementKey.generate().public
+
+    def substitute(device, message):
+        if isinstance(message, Roster):
+            adverts = tuple(dataclasses.replace(a, s_public=attacker_key) if a.device_id == devices[2] else a
+                            for a in message.adverts)
+            return resign_as_server(fleet, dataclasses.replace(message, adverts=adverts))
+        return message
+
+    outcome = run_session(fleet, config, inputs, downlink_hook=substitute)
+    for device in devices:
+        client = outcome.clients[device]
+        assert client.stage is Stage.ABORTED
+        assert isinstance(client.error, SignatureError) and "'dev-02'" in str(client.error)
+    assert outcome.aborted and outcome.server.share_keys == {}
+
+
+# --- malicious or broken devices and replays -------------------------------------------------------------
+
+
+def test_tampered_share_ciphertext_drops_its_sender_and_the_round_goes_on():
+    devices, fleet, config, inputs = setup(10, 4, 2)
+    cheat = devices[3]
+    victims: list[str] = []
+
+    def uplink(device, message):
+        if device == cheat and isinstance(message, ShareKeys):
+            first = message.shares[0]
+            victims.append(first.receiver)
+            broken = EncryptedShare(first.sender, first.receiver, first.nonce,
+                                    bytes([first.ciphertext[0] ^ 1]) + first.ciphertext[1:])
+            return codec.sign(dataclasses.replace(message, shares=(broken,) + message.shares[1:]),
+                              fleet.identities[cheat])
+        return message
+
+    outcome = run_session(fleet, config, inputs, uplink_hook=uplink)
+    assert outcome.clients[victims[0]].rejected == (cheat,)
+    assert cheat in outcome.server.accused
+    assert not outcome.aborted, outcome.abort_reason
+    assert set(outcome.server.contributors) == set(devices) - {cheat}
+    np.testing.assert_array_equal(outcome.result, exact_sum(inputs, set(devices) - {cheat}, 16))
+
+
+@pytest.mark.parametrize("forgery", ["unsigned", "mis-signed"])
+def test_unsigned_or_mis_signed_message_is_rejected_and_its_sender_dropped(forgery):
+    devices, fleet, config, inputs = setup(8, 4, 2)
+    target = devices[5]
+    impostor = IdentityKey.generate()
+
+    def uplink(device, message):
+        if device == target and isinstance(message, MaskedInput):
+            if forgery == "unsigned":
+                return dataclasses.replace(message, signature=b"")
+            return codec.sign(message, impostor)
+        return message
+
+    outcome = run_session(fleet, config, inputs, uplink_hook=uplink)
+    rejection = next(r for r in outcome.server.rejections if r.sender == target)
+    assert isinstance(rejection.error, SignatureError)
+    assert not outcome.aborted, outcome.abort_reason
+    np.testing.assert_array_equal(outcome.result, exact_sum(inputs, set(devices) - {target}, 16))
+
+
+def test_messages_replayed_from_an_earlier_round_are_rejected():
+    devices, fleet, config, inputs = setup(8, 4, 2)
+    recorded: dict[type, object] = {}
+
+    def record(device, message):
+        if device == devices[2]:
+            recorded[type(message)] = message
+        return message
+
+    first = run_session(fleet, config, inputs, round_index=1, uplink_hook=record)
+    assert not first.aborted
+
+    def replay(device, message):
+        if device == devices[2] and isinstance(message, MaskedInput):
+            return recorded[MaskedInput]
+        return message
+
+    second = run_session(fleet, config, inputs, round_index=2, uplink_hook=replay)
+    rejection = next(r for r in second.server.rejections if r.sender == devices[2])
+    assert isinstance(rejection.error, ReplayError) and "round 1" in str(rejection.error)
+    assert not second.aborted, second.abort_reason
+    np.testing.assert_array_equal(second.result, exact_sum(inputs, set(devices) - {devices[2]}, 16))
+
+    def replay_advert(device, message):
+        if device == devices[2] and isinstance(message, AdvertiseKeys):
+            return recorded[AdvertiseKeys]
+        return message
+
+    third = run_session(fleet, config, inputs, round_index=3, uplink_hook=replay_advert)
+    assert isinstance(next(r for r in third.server.rejections if r.sender == devices[2]).error, ReplayError)
+    assert devices[2] not in third.server.roster.members
+    np.testing.assert_array_equal(third.result, exact_sum(inputs, set(devices) - {devices[2]}, 16))
+
+
+def test_client_ignores_a_relay_replayed_from_an_earlier_session():
+    devices, fleet, config, inputs = setup(8, 4, 2)
+    old: dict[str, ShareRelay] = {}
+
+    def record(device, message):
+        if isinstance(message, ShareRelay):
+            old[device] = message
+        return message
+
+    run_session(fleet, config, inputs, round_index=1, downlink_hook=record)
+
+    def replay(device, message):
+        return old[device] if isinstance(message, ShareRelay) and device == devices[1] else message
+
+    outcome = run_session(fleet, config, inputs, round_index=2, downlink_hook=replay)
+    client = outcome.clients[devices[1]]
+    assert any(isinstance(e, ReplayError) for e in client.rejections)
+    assert not outcome.aborted, outcome.abort_reason
+    np.testing.assert_array_equal(outcome.result, exact_sum(inputs, set(devices) - {devices[1]}, 16))
+
+
+def test_client_gives_up_after_its_stage_deadline():
+    devices, fleet, config, inputs = setup(4, 3, 2)
+    outcome = run_session(fleet, config, inputs, drop_at={Stage.MASKED_INPUT: set(devices[:3])})
+    lonely = outcome.clients[devices[3]]
+    assert lonely.stage is Stage.ABORTED  # the server aborted and told it
+    from edge_sdk.secagg.client import start_client
+
+    waiting = start_client(fleet.client_config(devices[0], stage_timeout=5.0), inputs[devices[0]], now=0.0)
+    assert tick_client(waiting, 4.9)[0].stage is Stage.ADVERTISE_KEYS
+    timed_out, sent = tick_client(waiting, 5.0)
+    assert timed_out.stage is Stage.ABORTED and sent == [] and "timed out" in timed_out.abort_reason
+
+
+# --- what the server sees --------------------------------------------------------------------------------
+
+
+def test_one_devices_masked_vector_is_uniform_under_chi_square():
+    devices, fleet, config, _ = setup(4, 3, 2, length=1 << 16, bits=8)
+    inputs = {d: np.zeros(1 << 16, dtype=np.uint32) for d in devices}  # maximally structured input
+    seen: dict[str, np.ndarray] = {}
+
+    def capture(device, message):
+        if isinstance(message, MaskedInput):
+            seen[device] = message.masked.copy()
+        return message
+
+    outcome = run_session(fleet, config, inputs, uplink_hook=capture)
+    assert not outcome.aborted
+    counts = np.bincount(seen[devices[0]], minlength=256)
+    assert counts.size == 256
+    assert chisquare(counts).pvalue > 1e-4
+    assert chisquare(np.bincount(inputs[devices[0]], minlength=256)).pvalue < 1e-4  # the test can fail
