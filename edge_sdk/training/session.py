@@ -32,10 +32,14 @@ class SessionOptions:
     ``inter_op`` parallelism is always 1 and execution sequential: a train step is a chain of
     dependent ops, so a second pool only costs memory and wake-ups on a small device.
     ``memory_arena`` trades a few MB of RSS for fewer allocations per step.
+    ``spin_wait`` lets idle pool threads busy-wait between ops. It is off by default: measured here
+    with a second process on a 2-core machine, spinning made a 2-thread CNN step 2.5x slower (6.3
+    vs 2.5 ms) while gaining only 13% on the MLP, and on a battery device it burns power.
     """
 
     threads: int = 1
     memory_arena: bool = True
+    spin_wait: bool = False
     profile_prefix: str | None = None
 
     def __post_init__(self) -> None:
@@ -50,6 +54,7 @@ class SessionOptions:
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         options.use_deterministic_compute = True
         options.enable_cpu_mem_arena = self.memory_arena
+        options.add_session_config_entry("session.intra_op.allow_spinning", "1" if self.spin_wait else "0")
         options.log_severity_level = 3  # warnings from the optimiser are not the device owner's business
         if self.profile_prefix is not None:
             options.enable_profiling = True

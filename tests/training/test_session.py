@@ -100,3 +100,12 @@ def test_manifest_naming_an_input_the_graph_lacks_is_a_typed_error(mlp_bundle, t
     (bundle / MANIFEST_FILE).write_text(json.dumps(manifest))
     with pytest.raises(SessionError, match="lacks the inputs.*no_such_input"):
         ModelSession.open(bundle)
+
+
+def test_pool_threads_do_not_spin_unless_asked(mlp_bundle):
+    bundle = load_bundle(mlp_bundle)
+    quiet = ModelSession(bundle, SessionOptions(threads=2))
+    spinning = ModelSession(bundle, SessionOptions(threads=2, spin_wait=True))
+    key = "session.intra_op.allow_spinning"
+    assert quiet.train_step.get_session_options().get_session_config_entry(key) == "0"
+    assert spinning.train_step.get_session_options().get_session_config_entry(key) == "1"
