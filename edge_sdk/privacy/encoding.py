@@ -73,13 +73,13 @@ class EncodingParams:
 
 
 def clip_l2(update: np.ndarray, clip: float) -> np.ndarray:
-    """``update`` as float32, scaled down in place (if it is already float32) to L2 norm <= clip."""
+    """``update`` as a flat float32 vector of L2 norm <= clip (the caller's array is never modified)."""
     x = np.asarray(update, dtype=np.float32).reshape(-1)
     norm = float(np.sqrt(np.dot(x, x)))
     if not math.isfinite(norm):
         raise ConfigError("the update contains NaN or infinity; refusing to encode it")
     if norm > clip:
-        x *= np.float32(clip / norm) * np.float32(1.0 - 1e-6)  # stay strictly inside after float32 rounding
+        x = x * (np.float32(clip / norm) * np.float32(1.0 - 1e-6))  # strictly inside after float32 rounding
     return x
 
 

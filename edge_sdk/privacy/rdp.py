@@ -151,8 +151,8 @@ def epsilon_from_rdp(orders: np.ndarray, rdp: np.ndarray, delta: float) -> float
         raise ConfigError(f"delta must be in (0, 1), got {delta}")
     orders = np.asarray(orders, dtype=np.float64)
     rdp = np.asarray(rdp, dtype=np.float64)
-    if np.all(rdp == 0):
-        return 0.0
+    if np.all(rdp == 0) or np.any(delta * delta + np.expm1(-rdp) > 0):
+        return 0.0  # as dp-accounting: an RDP this small is below delta via the KL bound
     valid = orders > 1.01
     with np.errstate(invalid="ignore", over="ignore"):
         eps = rdp + np.log1p(-1.0 / orders) - np.log(delta * orders) / (orders - 1.0)
