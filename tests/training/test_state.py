@@ -224,3 +224,24 @@ def test_step_whose_update_overflowed_is_rolled_back_when_the_next_loss_is_nan(s
     assert state.steps == 0
     for name, value in state.get_params().items():
         np.testing.assert_array_equal(value, session.bundle.initial_params[name])
+
+
+def test_states_sharing_one_session_train_concurrently_from_threads(session):
+    """The fleet simulator drives many devices on one session from several threads at once."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    batches = [batch(16, seed=seed) for seed in range(4)]
+
+    def train(seed: int) -> dict[str, np.ndarray]:
+        state = TrainingState(session)
+        x, y = batches[seed]
+        for _ in range(30):
+            state.train_step(x, y, lr=0.05)
+        return state.get_params()
+
+    sequential = [train(seed) for seed in range(4)]
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        concurrent = list(pool.map(train, range(4)))
+    for alone, together in zip(sequential, concurrent, strict=True):
+        for name, value in alone.items():
+            np.testing.assert_array_equal(together[name], value)
