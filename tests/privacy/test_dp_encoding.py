@@ -163,3 +163,11 @@ def test_update_of_the_wrong_size_or_with_nan_is_refused():
     bad[3] = np.nan
     with pytest.raises(ConfigError, match="NaN"):
         encode_update(bad, params, SKELLAM, 0.0, np.random.default_rng(0))
+
+
+def test_clipping_never_modifies_the_callers_update():
+    update = np.full(100, 10.0, dtype=np.float32)
+    clipped = clip_l2(update, 1.0)
+    assert np.all(update == 10.0)
+    assert float(np.linalg.norm(clipped)) <= 1.0
+    np.testing.assert_allclose(clipped / np.linalg.norm(clipped), update / np.linalg.norm(update), rtol=1e-6)

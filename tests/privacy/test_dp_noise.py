@@ -104,3 +104,28 @@ def test_each_mode_sets_the_local_variance_for_its_trust_model():
         local_noise_variance(PrivacyMode.DISTRIBUTED, 100.0, 0)
     with pytest.raises(ConfigError, match="privacy mode"):
         PrivacyMode.parse("central")
+
+
+def test_noise_generator_is_seeded_with_128_bits_of_os_entropy(monkeypatch):
+    import edge_sdk.privacy.noise as noise_module
+
+    calls = []
+
+    def fake_randbits(k):
+        calls.append(k)
+        return (1 << 127) | 12345
+
+    monkeypatch.setattr(noise_module.secrets, "randbits", fake_randbits)
+    generator = fresh_noise_generator()
+    assert calls == [128]
+    assert generator.bit_generator.seed_seq.entropy == (1 << 127) | 12345
+
+
+def test_self_selection_coin_has_the_configured_probability():
+    from edge_sdk.privacy.sampling import self_select
+
+    flips = [self_select(0.3) for _ in range(20000)]
+    assert abs(sum(flips) / 20000 - 0.3) < 5 * math.sqrt(0.3 * 0.7 / 20000)
+    assert all(self_select(1.0) for _ in range(100))
+    with pytest.raises(ConfigError, match="sampling_probability"):
+        self_select(0.0)
