@@ -329,10 +329,10 @@ def _on_unmask(state: ServerState, message: object) -> ServerState:
 def _close_advertise(state: ServerState, now: float) -> tuple[ServerState, Outgoing]:
     adverts = {d: a for d, a in state.adverts.items() if d not in state.offenders}
     n = len(adverts)
-    if n < 2:
-        return _abort(state, f"only {n} devices advertised keys; secure aggregation needs at least 2")
     if state.config.threshold is not None and n < state.config.threshold:
         return _abort(state, f"only {n} devices advertised keys, below the threshold t={state.config.threshold}")
+    if n < 2:
+        return _abort(state, f"only {n} devices advertised keys; secure aggregation needs at least 2")
     try:
         params = state.config.parameters(n)
     except SecAggConfigError as exc:
@@ -384,7 +384,9 @@ def _close_consistency(state: ServerState, now: float) -> tuple[ServerState, Out
     reason = _below_threshold(state, u4, "confirmed the survivor set")
     if reason:
         return _abort(replace(state, u4=u4), reason)
-    signatures = tuple((d, state.consistency[d]) for d in u4)
+    # t signatures over one set are the whole guarantee a device checks; more would only make the
+    # downlink grow with n.
+    signatures = tuple((d, state.consistency[d]) for d in u4[: state.threshold])
     u3, dropped = set(state.u3), set(state.u2) - set(state.u3)
     requests = {}
     for u in u4:

@@ -45,16 +45,17 @@ def reconstruct_sum(inputs: UnmaskInputs) -> np.ndarray:
         raise ReconstructionError("no masked inputs to unmask")
     length = inputs.masked[survivors[0]].size
     cache = LagrangeCache(inputs.threshold)
-    # Reconstruct every secret first: fail before spending time on masks.
-    seeds = {u: cache.reconstruct(dict(inputs.self_mask_shares.get(u, {})), f"self-mask seed of {u!r}")
-             for u in survivors}
     survivor_set = set(survivors)
+    needed = [v for v in sorted(set(inputs.dropped)) if any(u in survivor_set for u in inputs.neighbours[v])]
+    b_shares = {u: inputs.self_mask_shares.get(u, {}) for u in survivors}
+    s_shares = {v: inputs.mask_key_shares.get(v, {}) for v in needed}
+    cache.warm(cache.subset(s) for s in [*b_shares.values(), *s_shares.values()] if len(s) >= inputs.threshold)
+    # Reconstruct every secret first: fail before spending time on masks.
+    seeds = {u: cache.reconstruct(b_shares[u], f"self-mask seed of {u!r}") for u in survivors}
     dropped_keys = {}
-    for v in sorted(set(inputs.dropped)):
+    for v in needed:
         partners = [u for u in inputs.neighbours[v] if u in survivor_set]
-        if not partners:
-            continue
-        secret = cache.reconstruct(dict(inputs.mask_key_shares.get(v, {})), f"mask key of dropped {v!r}")
+        secret = cache.reconstruct(s_shares[v], f"mask key of dropped {v!r}")
         key = AgreementKey(secret)
         if key.public != inputs.s_public[v]:
             raise ReconstructionError(f"reconstructed mask key of {v!r} does not match its advertised public key")

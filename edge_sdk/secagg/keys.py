@@ -7,7 +7,7 @@ the rest of the package handles bytes; this module is the only place that conver
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
@@ -63,9 +63,22 @@ def verify_signature(public_key: bytes, signature: bytes, data: bytes, what: str
 
 @dataclass(frozen=True, repr=False)
 class AgreementKey:
-    """An ephemeral X25519 key pair; ``private`` is the 32-byte secret that gets Shamir-shared."""
+    """An ephemeral X25519 key pair; ``private`` is the 32-byte secret that gets Shamir-shared.
+
+    The parsed key object is kept alongside: re-parsing it for every exchange cost the server
+    about a third of its X25519 time.
+    """
 
     private: bytes
+    _key: X25519PrivateKey = field(init=False, compare=False)
+    _public: bytes = field(init=False, compare=False)
+
+    def __post_init__(self) -> None:
+        if len(self.private) != KEY_BYTES:
+            raise SecAggConfigError(f"X25519 private key must be 32 bytes, got {len(self.private)}")
+        key = X25519PrivateKey.from_private_bytes(self.private)
+        object.__setattr__(self, "_key", key)
+        object.__setattr__(self, "_public", _raw_public(key.public_key()))
 
     @classmethod
     def generate(cls) -> AgreementKey:
@@ -73,16 +86,14 @@ class AgreementKey:
 
     @property
     def public(self) -> bytes:
-        return _raw_public(X25519PrivateKey.from_private_bytes(self.private).public_key())
+        return self._public
 
     def exchange(self, peer_public: bytes) -> bytes:
         """The 32-byte X25519 shared secret with ``peer_public`` (raises on an all-zero result)."""
         if len(peer_public) != KEY_BYTES:
             raise SecAggConfigError(f"X25519 public key must be 32 bytes, got {len(peer_public)}")
         try:
-            return X25519PrivateKey.from_private_bytes(self.private).exchange(
-                X25519PublicKey.from_public_bytes(peer_public)
-            )
+            return self._key.exchange(X25519PublicKey.from_public_bytes(peer_public))
         except ValueError as exc:
             raise SignatureError(f"X25519 agreement with a low-order public key refused: {exc}") from None
 

@@ -9,8 +9,9 @@ inversion (batch inversion), which is what makes the server's unmask fast.
 
 from __future__ import annotations
 
+import math
 import secrets
-from collections.abc import Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from edge_sdk.secagg.errors import ReconstructionError, SecAggConfigError
@@ -53,30 +54,46 @@ def split_secret(secret: bytes, threshold: int, xs: Sequence[int]) -> dict[int, 
     return shares
 
 
-def lagrange_at_zero(xs: Sequence[int]) -> tuple[int, ...]:
-    """Lagrange basis coefficients at 0 for points ``xs``, using one modular inversion."""
-    if len(set(xs)) != len(xs):
-        raise ReconstructionError(f"duplicate x-coordinates in {sorted(xs)}")
-    numerators = []
-    denominators = []
-    for i, xi in enumerate(xs):
-        num, den = 1, 1
-        for j, xj in enumerate(xs):
-            if i != j:
-                num = num * xj % PRIME
-                den = den * (xj - xi) % PRIME
-        numerators.append(num)
-        denominators.append(den)
-    # Batch inversion: invert the product once, then peel off each denominator.
+def _batch_inverse(values: list[int]) -> list[int]:
+    """Modular inverses of many non-zero field elements with a single ``pow`` (Montgomery's trick)."""
     prefix = [1]
-    for den in denominators:
-        prefix.append(prefix[-1] * den % PRIME)
+    for v in values:
+        prefix.append(prefix[-1] * v % PRIME)
     inverse = pow(prefix[-1], -1, PRIME)
-    inverses = [0] * len(xs)
-    for i in range(len(xs) - 1, -1, -1):
-        inverses[i] = inverse * prefix[i] % PRIME
-        inverse = inverse * denominators[i] % PRIME
-    return tuple(n * inv % PRIME for n, inv in zip(numerators, inverses, strict=True))
+    out = [0] * len(values)
+    for i in range(len(values) - 1, -1, -1):
+        out[i] = inverse * prefix[i] % PRIME
+        inverse = inverse * values[i] % PRIME
+    return out
+
+
+def lagrange_at_zero_many(subsets: Sequence[Sequence[int]]) -> list[tuple[int, ...]]:
+    """Lagrange basis coefficients at 0 for many point sets, with one modular inversion in all.
+
+    x's are small integers, so numerators and denominators are first computed exactly with
+    C-level ``math.prod`` and reduced once; the field only sees the final divisions.
+    """
+    numerators: list[int] = []
+    denominators: list[int] = []
+    for xs in subsets:
+        if len(set(xs)) != len(xs):
+            raise ReconstructionError(f"duplicate x-coordinates in {sorted(xs)}")
+        whole = math.prod(xs)
+        for xi in xs:
+            numerators.append(whole // xi)
+            denominators.append(math.prod(xj - xi for xj in xs if xj != xi) % PRIME)
+    inverses = _batch_inverse(denominators)
+    flat = [n * inv % PRIME for n, inv in zip(numerators, inverses, strict=True)]
+    out, offset = [], 0
+    for xs in subsets:
+        out.append(tuple(flat[offset : offset + len(xs)]))
+        offset += len(xs)
+    return out
+
+
+def lagrange_at_zero(xs: Sequence[int]) -> tuple[int, ...]:
+    """Lagrange basis coefficients at 0 for the points ``xs``."""
+    return lagrange_at_zero_many([xs])[0]
 
 
 def _secret_from_int(value: int) -> bytes:
@@ -92,24 +109,33 @@ class LagrangeCache:
     threshold: int
     _cache: dict[tuple[int, ...], tuple[int, ...]] = field(default_factory=dict)
 
+    def subset(self, shares: Mapping[int, int]) -> tuple[int, ...]:
+        """The x's a reconstruction from ``shares`` will use: the ``threshold`` lowest."""
+        return tuple(sorted(shares)[: self.threshold])
+
+    def warm(self, subsets: Iterable[tuple[int, ...]]) -> None:
+        """Compute the coefficients of every new subset at once (one inversion for the batch)."""
+        missing = list(dict.fromkeys(xs for xs in subsets if xs not in self._cache))
+        self._cache.update(zip(missing, lagrange_at_zero_many(missing), strict=True))
+
     def coefficients(self, xs: tuple[int, ...]) -> tuple[int, ...]:
         found = self._cache.get(xs)
         if found is None:
             found = self._cache[xs] = lagrange_at_zero(xs)
         return found
 
-    def reconstruct(self, shares: dict[int, int], what: str = "secret") -> bytes:
+    def reconstruct(self, shares: Mapping[int, int], what: str = "secret") -> bytes:
         """Rebuild a secret from at least ``threshold`` shares {x: y}; uses the lowest x's."""
         if len(shares) < self.threshold:
             raise ReconstructionError(
                 f"cannot reconstruct {what}: {len(shares)} shares received, threshold is {self.threshold}"
             )
-        xs = tuple(sorted(shares)[: self.threshold])
+        xs = self.subset(shares)
         total = sum(c * shares[x] for c, x in zip(self.coefficients(xs), xs, strict=True)) % PRIME
         return _secret_from_int(total)
 
 
-def reconstruct_secret(shares: dict[int, int], threshold: int) -> bytes:
+def reconstruct_secret(shares: Mapping[int, int], threshold: int) -> bytes:
     """Rebuild one secret from ``threshold`` or more shares {x: y}."""
     return LagrangeCache(threshold).reconstruct(shares)
 
