@@ -15,7 +15,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from aggregator.compiler.backward import build_gradients
+from aggregator.compiler.backward import NON_DIFFERENTIABLE, build_gradients
 from aggregator.compiler.emitter import Emitter
 from aggregator.compiler.errors import CompileError
 from aggregator.compiler.losses import LOSSES, emit_loss
@@ -35,8 +35,12 @@ log = logging.getLogger(__name__)
 OUTPUT_NAME = "output"
 LABELS_NAME = "y"
 LOSS_NAME = "loss"
-# BatchNormalization inputs that hold running statistics: always frozen (DESIGN §2).
-FROZEN_INPUTS = {"BatchNormalization": (3, 4)}
+# Float inputs that are settings, not weights: an initializer used only in these slots is never
+# trained (BatchNormalization's running statistics stay frozen, DESIGN §2; Dropout's ratio, ...).
+NON_DIFFERENTIABLE_INPUTS = {
+    "BatchNormalization": (3, 4), "Dropout": (1, 2), "Clip": (1, 2), "Reshape": (1,), "Expand": (1,),
+    "Squeeze": (1,), "Unsqueeze": (1,), "ReduceMean": (1,), "ReduceSum": (1,), "Pad": (1, 2, 3),
+}
 
 
 @dataclass
@@ -79,12 +83,13 @@ def compile_model(
 
 def select_trainable(prep: PreparedModel, trainable: Sequence[str] | None) -> list[str]:
     """Parameter names to train, in initializer order; selectors are exact names or prefixes."""
-    always_frozen = set()
+    weights = set()
     for node in prep.model.graph.node:
-        for index in FROZEN_INPUTS.get(node.op_type, ()):
-            if index < len(node.input):
-                always_frozen.add(node.input[index])
-    candidates = [name for name in prep.params if name not in always_frozen]
+        if node.op_type in NON_DIFFERENTIABLE:
+            continue
+        skip = NON_DIFFERENTIABLE_INPUTS.get(node.op_type, ())
+        weights.update(name for i, name in enumerate(node.input) if i not in skip)
+    candidates = [name for name in prep.params if name in weights]
     if trainable is None:
         chosen = candidates
     else:
@@ -214,7 +219,7 @@ def compile_graphs(
         state=state,
         source_model=prep.source,
     )
-    initial = {p: np.ascontiguousarray(prep.params[p]) for p in train_names}
+    initial = {p: np.array(prep.params[p], order="C") for p in train_names}
     log.info("compiled %s: %d trainable, %d frozen parameters, %d train-step nodes",
              prep.source, len(train_names), len(frozen), len(train_model.graph.node))
     return CompiledGraphs(train_model, eval_model, manifest, initial)
@@ -268,7 +273,7 @@ def _rewrite_forward_for_training(forward: list[onnx.NodeProto], em: Emitter) ->
 
 
 def _base_initializers(prep: PreparedModel, frozen: dict[str, np.ndarray]) -> list[onnx.TensorProto]:
-    inits = [numpy_helper.from_array(np.ascontiguousarray(a), n) for n, a in frozen.items()]
+    inits = [numpy_helper.from_array(np.array(a, order="C"), n) for n, a in frozen.items()]
     constant_outputs = {n.output[0] for n in prep.model.graph.node if n.op_type == "Constant"}
     for init in prep.model.graph.initializer:
         if init.name in prep.constants and init.name not in constant_outputs:

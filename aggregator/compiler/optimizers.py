@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import onnx
 
 from aggregator.compiler.emitter import Emitter
@@ -98,6 +99,8 @@ class UpdateEmitter:
         momentum buffer update (C = buf, beta = mu) costs no extra elementwise passes over the weight.
         Only a Gemm without a C input, whose output is used nowhere else, qualifies.
         """
+        if self.em.dtype != np.float32 and float(np.float32(beta)) != beta:
+            return False  # Gemm's beta attribute is a float32: it would round a float64 graph's momentum
         node = self.em.producer(grad)
         if node is None or node.op_type != "Gemm" or len(node.input) != 2:
             return False

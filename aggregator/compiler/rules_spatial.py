@@ -3,9 +3,10 @@
 Conv:     dX = ConvTranspose(dY, W) with output_padding restoring the input size;
           dW = a Conv that treats input channels as the batch and the batch as channels (groups fold
           into the channel axis), so it needs only standard ops and handles groups > 1.
-MaxPool:  the forward MaxPool also emits its Indices; non-overlapping windows scatter back with
-          MaxUnpool (cheap, first-max tie-breaking like PyTorch), overlapping ones with
-          ScatterElements(reduction="add") (opset >= 16).
+MaxPool:  windows that tile the input (stride == kernel, no padding) find each window's first
+          maximum with Reshape/Transpose/ArgMax and scatter back with MaxUnpool, first-max
+          tie-breaking like PyTorch; other windows use the forward MaxPool's Indices output and
+          ScatterElements (with reduction="add", opset >= 16, when windows overlap).
 AveragePool: dX = ConvTranspose of dY with a constant 1/count kernel per channel.
 BatchNormalization: inference form with frozen running statistics.
 """
@@ -162,19 +163,15 @@ def max_pool_grad(ctx: GradContext, node, grads):
         em.forward_rewrites[y] = rewritten
     extent = [(k - 1) * d + 1 for k, d in zip(geo["kernel"], geo["dilations"], strict=True)]
     overlapping = any(e > s for e, s in zip(extent, geo["strides"], strict=True))
-    if not overlapping:  # each input element is in at most one window: scatter without summing
-        unpool_attrs = dict(kernel_shape=geo["kernel"], strides=geo["strides"])
-        if any(geo["pads"]):
-            unpool_attrs["pads"] = geo["pads"]
-        return [em.node("MaxUnpool", [g, indices, em.node("Shape", [x])], hint="d_maxpool", **unpool_attrs)]
-    if ctx.opset < 16:
+    if overlapping and ctx.opset < 16:
         raise ctx.unsupported(
             node, "overlapping windows below opset 16 (ScatterElements reduction='add' needs opset 16)"
         )
+    # Scatter into a flat zero tensor: indices are unique when windows do not overlap, else summed.
     zeros = em.node("ConstantOfShape", [em.reshape(em.node("Size", [x]), [1])],
                     value=helper.make_tensor("zero", em.onnx_dtype, [1], [0.0]))
-    flat = em.node("ScatterElements", [zeros, em.reshape(indices, [-1]), em.reshape(g, [-1])], axis=0,
-                   reduction="add")
+    scatter_attrs = {"axis": 0, "reduction": "add"} if overlapping else {"axis": 0}
+    flat = em.node("ScatterElements", [zeros, em.reshape(indices, [-1]), em.reshape(g, [-1])], **scatter_attrs)
     return [em.reshape(flat, [-1] + list(x_shape[1:]))]
 
 

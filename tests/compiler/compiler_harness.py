@@ -5,7 +5,9 @@ float64 finite-difference checks of convolutional graphs run on ``onnx.reference
 (float32 graphs always run on onnxruntime). The reference evaluator's own MaxUnpool ignores the
 ``output_shape`` input when it differs from the default size (it writes into a buffer of the default
 size and raises IndexError), so it is replaced here by a direct implementation of the ONNX spec:
-scatter each value to its flat index in a zero tensor of ``output_shape``.
+scatter each value to its flat index in a zero tensor of ``output_shape``. Its grouped
+ConvTranspose slices the weight by output instead of input channels (wrong unless both counts are
+equal, as in depthwise convs), so groups are split here and each runs through its group=1 code.
 """
 
 from __future__ import annotations
@@ -15,10 +17,11 @@ import onnx
 import onnxruntime as ort
 from onnx.reference import ReferenceEvaluator
 from onnx.reference.op_run import OpRun
+from onnx.reference.ops.op_conv_transpose import ConvTranspose as _ReferenceConvTranspose
 
 from aggregator.compiler import CompiledGraphs, compile_graphs
 
-ORT_FLOAT64_MISSING = {"Conv", "ConvTranspose", "MaxUnpool", "MaxPool", "AveragePool"}
+ORT_FLOAT64_MISSING = {"Conv", "ConvTranspose", "MaxUnpool", "MaxPool", "AveragePool", "GlobalAveragePool"}
 
 
 class MaxUnpool(OpRun):
@@ -31,6 +34,25 @@ class MaxUnpool(OpRun):
         return (out.reshape(shape),)
 
 
+class ConvTranspose(_ReferenceConvTranspose):
+    op_domain = ""
+
+    def _run(self, X, W, B=None, group=None, **attrs):  # noqa: N803
+        group = group or self.group or 1
+        if group == 1:
+            return super()._run(X, W, B, group=1, **attrs)
+        c = X.shape[1] // group
+        m = W.shape[1]
+        parts = [
+            super(ConvTranspose, self)._run(
+                X[:, i * c:(i + 1) * c], W[i * c:(i + 1) * c], None if B is None else B[i * m:(i + 1) * m],
+                group=1, **attrs,
+            )[0]
+            for i in range(group)
+        ]
+        return (np.concatenate(parts, axis=1).astype(X.dtype),)
+
+
 class GraphRunner:
     """Runs one graph with named feeds and returns its outputs by name."""
 
@@ -39,7 +61,7 @@ class GraphRunner:
         double = model.graph.input[0].type.tensor_type.elem_type == onnx.TensorProto.DOUBLE
         ops = {n.op_type for n in model.graph.node}
         if double and ops & ORT_FLOAT64_MISSING:
-            self._ref = ReferenceEvaluator(model, new_ops=[MaxUnpool])
+            self._ref = ReferenceEvaluator(model, new_ops=[MaxUnpool, ConvTranspose])
             self._sess = None
         else:
             options = ort.SessionOptions()
