@@ -131,7 +131,6 @@ def calibrate(
     self_selection: bool = False,
     max_wrap_probability: float = MAX_WRAP_PROBABILITY,
     gamma: float | None = None,
-    accountant: str = "rdp",
 ) -> Calibration:
     """The smallest noise multiplier meeting ``target_epsilon`` after ``rounds`` rounds, with its gamma.
 
@@ -158,7 +157,7 @@ def calibrate(
         params = EncodingParams(dim=dim, clip=clip, gamma=g, bits=bits, rotation_seed=_CALIBRATION_SEED,
                                 beta=DEFAULT_BETA)
         event = participation_event(params, "distributed", mechanism, z, t_honest, q)
-        return g, epsilon_of({round_dp_event(event): rounds}, delta, accountant)
+        return g, epsilon_of({round_dp_event(event): rounds}, delta, "rdp")
 
     z_low, z_high = None, 0.05
     eps = knobs(z_high)[1]

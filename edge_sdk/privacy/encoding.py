@@ -147,4 +147,4 @@ def decode_sum(total: np.ndarray, params: EncodingParams, contributors: int) -> 
     centred = centre(total, params.bits)
     dtype = np.float32 if params.bits <= 24 else np.float64
     unscaled = centred.astype(dtype) * dtype(params.gamma)
-    return params.rotation.unrotate(unscaled) / np.float32(contributors)
+    return (params.rotation.unrotate(unscaled) / contributors).astype(np.float32, copy=False)

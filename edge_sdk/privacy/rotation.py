@@ -108,13 +108,16 @@ class RandomizedHadamard:
         return fwht(out)
 
     def unrotate(self, y: np.ndarray) -> np.ndarray:
-        """The inverse: ``(D H y / sqrt(n))[:dim]`` as float32 (``y`` is not modified)."""
+        """The inverse: ``(D H y / sqrt(n))[:dim]`` (``y`` is not modified).
+
+        Computed in float64 when ``y`` is float64 (wide sums at b > 24), else in float32.
+        """
         n = self.padded_dim
         if y.shape != (n,):
             raise ConfigError(f"unrotate expects a vector of shape ({n},), got {y.shape}")
-        out = y.astype(np.float32, copy=True)
+        out = y.astype(np.float64 if y.dtype == np.float64 else np.float32, copy=True)
         fwht(out)
-        out *= self.signs() * np.float32(1.0 / np.sqrt(n))
+        out *= self.signs() * (1.0 / np.sqrt(n))
         return out[: self.dim]
 
 

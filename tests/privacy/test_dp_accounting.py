@@ -203,3 +203,36 @@ def test_unknown_accountant_and_bad_delta_are_config_errors():
         make_accountant("prv")
     with pytest.raises(ConfigError, match="delta"):
         FleetAccountant(delta=0.0)
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    scale=st.floats(1e-4, 50.0),
+    power=st.floats(0.5, 2.0),
+    delta=st.floats(1e-12, 1e-2),
+)
+def test_device_epsilon_conversion_equals_dp_accountings(scale, power, delta):
+    orders = DEFAULT_ORDERS
+    rdp = scale * orders**power
+    ours = epsilon_from_rdp(orders, rdp, delta)
+    theirs = rdp_privacy_accountant.compute_epsilon(orders, rdp, delta)[0]
+    assert ours == pytest.approx(theirs, rel=1e-9, abs=1e-12)
+
+
+@settings(max_examples=40, deadline=None)
+@given(mu=st.floats(1.0, 1e7), l2=st.floats(0.5, 1e3), dim=st.integers(1, 10**6))
+def test_skellam_rdp_is_never_below_the_gaussian_of_equal_variance(mu, l2, dim):
+    l1 = min(l2 * l2, math.sqrt(dim) * l2)
+    orders = np.arange(2, 40, dtype=np.float64)
+    gaussian = gaussian_rdp(orders, math.sqrt(2 * mu) / l2)
+    assert np.all(skellam_rdp(orders, l1, l2, mu) >= gaussian * (1 - 1e-12))
+
+
+@settings(max_examples=30, deadline=None)
+@given(sigma2=st.floats(4.0, 1e6), n=st.integers(1, 1000), l2=st.floats(1.0, 100.0))
+def test_discrete_gaussian_sum_tends_to_the_gaussian_of_the_summed_variance(sigma2, n, l2):
+    e = discrete_gaussian_sum_epsilon(l2, sigma2, n, 10**6)
+    gaussian_e = l2 / math.sqrt(n * sigma2)
+    assert e >= gaussian_e * (1 - 1e-12)
+    # With local sigma^2 >= 4 the tau term is below 10 n exp(-4 pi^2) ~ 1e-14 n: negligible.
+    assert e == pytest.approx(gaussian_e, rel=1e-6)

@@ -171,3 +171,13 @@ def test_clipping_never_modifies_the_callers_update():
     assert np.all(update == 10.0)
     assert float(np.linalg.norm(clipped)) <= 1.0
     np.testing.assert_allclose(clipped / np.linalg.norm(clipped), update / np.linalg.norm(update), rtol=1e-6)
+
+
+def test_wide_sums_at_32_bits_decode_without_float32_precision_loss():
+    rng = np.random.default_rng(21)
+    dim, devices, gamma = 16, 200, 1e-6
+    params = EncodingParams(dim=dim, clip=1.0, gamma=gamma, bits=32, rotation_seed=SEED)
+    direction = clip_l2(rng.standard_normal(dim), 1.0).copy()  # aligned updates: the sum reaches ~1e8 steps
+    encoded = [encode_update(direction, params, SKELLAM, 0.0, rng) for _ in range(devices)]
+    mean = decode_sum(modular_sum(encoded, 32), params, devices)
+    assert float(np.linalg.norm(mean - direction)) <= gamma * np.sqrt(params.padded_dim)
