@@ -24,6 +24,7 @@ from edge_sdk.secagg.messages import (
     AdvertiseKeys,
     ConsistencyCheck,
     MaskedInput,
+    Roster,
     ShareKeys,
     Stage,
     UnmaskShares,
@@ -41,7 +42,18 @@ UPLINK_STAGE = {
     UnmaskShares: Stage.UNMASK,
 }
 
-Hook = Callable[[str, object], object | None]  # (device id, message) -> message to deliver, or None
+# (device id, message) -> the message to deliver, None to suppress it, or a list to deliver several
+# (duplicates, injections).
+Hook = Callable[[str, object], object | list | None]
+
+
+def _apply(hook: Hook | None, device: str, message: object) -> list:
+    if hook is None:
+        return [message]
+    result = hook(device, message)
+    if result is None:
+        return []
+    return list(result) if isinstance(result, list) else [result]
 
 
 @dataclass(frozen=True)
@@ -110,33 +122,27 @@ def run_session(
     while True:
         while downlink or uplink:
             while downlink:
-                device, message = downlink.popleft()
+                device, original = downlink.popleft()
                 if device in silent or device not in clients:
                     continue
-                if downlink_hook is not None:
-                    message = downlink_hook(device, message)
-                    if message is None:
-                        continue
-                wire = codec.encode(message)
-                outcome.downlink_bytes[device] += len(wire)
-                if type(message).__name__ == "Roster":
-                    outcome.roster_bytes[device] += len(wire)
-                clients[device], replies = handle_client(clients[device], codec.decode(wire), now)
-                uplink.extend((device, reply) for reply in replies)
+                for message in _apply(downlink_hook, device, original):
+                    wire = codec.encode(message)
+                    outcome.downlink_bytes[device] += len(wire)
+                    if isinstance(message, Roster):
+                        outcome.roster_bytes[device] += len(wire)
+                    clients[device], replies = handle_client(clients[device], codec.decode(wire), now)
+                    uplink.extend((device, reply) for reply in replies)
             while uplink:
-                device, message = uplink.popleft()
-                if device in silent or device in drop_at.get(UPLINK_STAGE[type(message)], ()):
+                device, original = uplink.popleft()
+                if device in silent or device in drop_at.get(UPLINK_STAGE[type(original)], ()):
                     silent.add(device)
                     continue
-                if uplink_hook is not None:
-                    message = uplink_hook(device, message)
-                    if message is None:
-                        continue
-                wire = codec.encode(message)
-                payload = 4 * message.masked.size if isinstance(message, MaskedInput) else 0
-                outcome.uplink_bytes[device] += len(wire) - payload
-                server, sends = handle_server(server, codec.decode(wire), now)
-                downlink.extend(sends)
+                for message in _apply(uplink_hook, device, original):
+                    wire = codec.encode(message)
+                    payload = 4 * message.masked.size if isinstance(message, MaskedInput) else 0
+                    outcome.uplink_bytes[device] += len(wire) - payload
+                    server, sends = handle_server(server, codec.decode(wire), now)
+                    downlink.extend(sends)
         if server.stage in (Stage.DONE, Stage.ABORTED):
             break
         now = server.deadline  # nobody else will speak: let the stage deadline pass

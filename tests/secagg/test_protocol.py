@@ -131,6 +131,19 @@ def test_property_result_is_exact_sum_mod_2_to_the_b_or_a_clean_abort(session):
         np.testing.assert_array_equal(outcome.result, exact_sum(inputs, outcome.server.contributors, bits))
 
 
+def test_duplicated_messages_in_both_directions_change_nothing():
+    devices, fleet, config, inputs = setup(8, 4, 2)
+
+    def twice(device, message):
+        return [message, message]
+
+    outcome = run_session(fleet, config, inputs, uplink_hook=twice, downlink_hook=twice)
+    assert not outcome.aborted, outcome.abort_reason
+    assert outcome.server.offenders == frozenset()
+    assert all(type(r.error).__name__ == "StaleMessageError" for r in outcome.server.rejections)
+    np.testing.assert_array_equal(outcome.result, exact_sum(inputs, devices, 16))
+
+
 # --- thresholds -----------------------------------------------------------------------------------
 
 
