@@ -172,8 +172,12 @@ class DeviceLedger:
             os.close(fd)
             raise LedgerBusyError(f"privacy ledger {path} is open in another process") from None
         try:
-            if created:
-                assert budget_epsilon is not None and delta is not None
+            if not created and os.fstat(fd).st_size == 0 and budget_epsilon is not None:
+                # A crash between creating the file and writing its first record: nothing was ever
+                # recorded (the opening record precedes every participation), so start it now.
+                log.warning("privacy ledger %s is empty (interrupted creation); writing its opening record", path)
+                created = True
+            if created and budget_epsilon is not None and delta is not None:
                 _fsync_directory(path.parent)
                 ledger = cls(path, fd, [])
                 ledger._append("open", {"format": LEDGER_FORMAT, "budget_epsilon": budget_epsilon, "delta": delta})
@@ -262,6 +266,17 @@ class DeviceLedger:
         return BudgetDecision(accepted, before, after, local_after, self._budget_epsilon, self._delta, reason)
 
     # -- recording -----------------------------------------------------------------------------
+    def participate(self, round_id: str, event: ParticipationEvent) -> BudgetDecision:
+        """``record`` that reports a decline as a result instead of raising: check ``.accepted``.
+
+        A declined round is logged (warning) and nothing is written; an accepted one is durably
+        recorded before this returns, and only then may the update be sent.
+        """
+        try:
+            return self.record(round_id, event)
+        except BudgetExceededError as exc:
+            return exc.decision
+
     def record(self, round_id: str, event: ParticipationEvent) -> BudgetDecision:
         """Check the budget, then durably record the participation (fsynced) before returning.
 

@@ -207,3 +207,24 @@ def test_device_budget_command_reports_a_corrupt_ledger_as_an_error(tmp_path, ca
     path.write_text("not json\n")
     assert cli_main(["device", "budget", "--ledger", str(path)]) == 2
     assert "not valid JSON" in capsys.readouterr().err
+
+
+def test_participate_returns_a_declined_decision_instead_of_raising(tmp_path, caplog):
+    path = tmp_path / "ledger.jsonl"
+    with DeviceLedger.open(path, 4.0, 1e-6) as ledger:
+        assert ledger.participate("r0", EVENT).accepted
+        with caplog.at_level(logging.WARNING, logger="edge_sdk.privacy.ledger"):
+            declined = ledger.participate("r1", EVENT)
+        assert not declined.accepted and "over the device budget" in declined.reason
+        assert ledger.spent().participations == 1
+    assert any("declining round r1" in r.message for r in caplog.records)
+
+
+def test_empty_ledger_from_an_interrupted_creation_is_started_not_rejected(tmp_path):
+    path = tmp_path / "ledger.jsonl"
+    path.write_bytes(b"")
+    with pytest.raises(LedgerCorruptError, match="no opening record"):
+        DeviceLedger.snapshot(path)
+    with DeviceLedger.open(path, 5.0, 1e-6) as ledger:
+        assert ledger.spent().participations == 0 and ledger.budget_epsilon == 5.0
+    assert DeviceLedger.snapshot(path).budget_epsilon == 5.0
