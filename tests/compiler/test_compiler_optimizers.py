@@ -112,7 +112,7 @@ def test_three_steps_match_pytorch(optimizer):
     net = torch.nn.Sequential(torch.nn.Linear(6, 5), torch.nn.ReLU(), torch.nn.Linear(5, 3)).double()
     with torch.no_grad():
         for name, tensor in net.state_dict().items():
-            tensor.copy_(torch.from_numpy(compiled.initial_params[f"layers.{name}"]))
+            tensor.copy_(torch.from_numpy(np.array(compiled.initial_params[f"layers.{name}"])))
     lr = 0.05
     if optimizer in ("sgd", "momentum"):
         opt = torch.optim.SGD(net.parameters(), lr=lr, momentum=hp.get("momentum", 0.0),
