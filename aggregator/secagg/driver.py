@@ -71,9 +71,13 @@ class Fleet:
     def enrolled(self) -> dict[str, bytes]:
         return {d: k.public for d, k in self.identities.items()}
 
-    def client_config(self, device_id: str, stage_timeout: float = 60.0) -> ClientConfig:
-        return ClientConfig(device_id, self.identities[device_id], self.server_identity.public, self.enrolled,
-                            stage_timeout=stage_timeout)
+    def client_config(
+        self, device_id: str, stage_timeout: float = 60.0, verify_every_advert: bool = True,
+        enrolled: Mapping[str, bytes] | None = None,
+    ) -> ClientConfig:
+        return ClientConfig(device_id, self.identities[device_id], self.server_identity.public,
+                            self.enrolled if enrolled is None else enrolled, stage_timeout=stage_timeout,
+                            verify_every_advert=verify_every_advert)
 
 
 @dataclass
@@ -108,12 +112,15 @@ def run_session(
     uplink_hook: Hook | None = None,
     downlink_hook: Hook | None = None,
     client_timeout: float = 600.0,
+    verify_every_advert: bool = True,
 ) -> SessionOutcome:
     """Run one round over the devices in ``inputs`` and return its outcome."""
     drop_at = {stage: set(ids) for stage, ids in (drop_at or {}).items()}
     now = 0.0
     server, out = start_server(config, tuple(inputs), round_index, now)
-    clients = {d: start_client(fleet.client_config(d, client_timeout), inputs[d], now) for d in inputs}
+    enrolled = fleet.enrolled
+    clients = {d: start_client(fleet.client_config(d, client_timeout, verify_every_advert, enrolled), inputs[d], now)
+               for d in inputs}
     silent: set[str] = set()
     outcome = SessionOutcome(server, clients, {d: 0 for d in inputs}, {d: 0 for d in inputs},
                              {d: 0 for d in inputs})

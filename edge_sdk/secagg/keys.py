@@ -33,6 +33,15 @@ class IdentityKey:
     """A device's or the aggregator's long-term Ed25519 signing key (registered at enrolment)."""
 
     private: bytes
+    _key: Ed25519PrivateKey = field(init=False, compare=False)
+    _public: bytes = field(init=False, compare=False)
+
+    def __post_init__(self) -> None:
+        if len(self.private) != KEY_BYTES:
+            raise SecAggConfigError(f"Ed25519 private key must be 32 bytes, got {len(self.private)}")
+        key = Ed25519PrivateKey.from_private_bytes(self.private)
+        object.__setattr__(self, "_key", key)
+        object.__setattr__(self, "_public", _raw_public(key.public_key()))
 
     @classmethod
     def generate(cls) -> IdentityKey:
@@ -40,10 +49,10 @@ class IdentityKey:
 
     @property
     def public(self) -> bytes:
-        return _raw_public(Ed25519PrivateKey.from_private_bytes(self.private).public_key())
+        return self._public
 
     def sign(self, data: bytes) -> bytes:
-        return Ed25519PrivateKey.from_private_bytes(self.private).sign(data)
+        return self._key.sign(data)
 
     def __repr__(self) -> str:  # never print private key bytes into logs
         return f"IdentityKey(public={self.public.hex()[:16]}...)"

@@ -20,6 +20,7 @@ from edge_sdk.secagg.errors import (
     ReplayError,
     SignatureError,
 )
+from edge_sdk.secagg.graph import neighbour_graph
 from edge_sdk.secagg.keys import AgreementKey, IdentityKey
 from edge_sdk.secagg.messages import (
     AdvertiseKeys,
@@ -278,8 +279,37 @@ def test_clients_catch_a_substituted_public_key_by_its_signature():
     for device in devices:
         client = outcome.clients[device]
         assert client.stage is Stage.ABORTED
-        assert isinstance(client.error, SignatureError) and "'dev-02'" in str(client.error)
+        if device == devices[2]:  # the owner sees its own keys altered
+            assert isinstance(client.error, ProtocolViolationError) and "own advertised keys" in str(client.error)
+        else:
+            assert isinstance(client.error, SignatureError) and "'dev-02'" in str(client.error)
     assert outcome.aborted and outcome.server.share_keys == {}
+
+
+@pytest.mark.parametrize("verify_every_advert", [True, False])
+def test_a_substituted_neighbour_key_is_caught_whichever_adverts_a_device_checks(verify_every_advert):
+    devices, fleet, config, inputs = setup(12, 4, 2)
+    attacker_key = AgreementKey.generate().public
+    victim = devices[5]
+    neighbours: set[str] = set()
+
+    def substitute(device, message):
+        if isinstance(message, Roster):
+            adverts = tuple(dataclasses.replace(a, c_public=attacker_key) if a.device_id == victim else a
+                            for a in message.adverts)
+            forged = resign_as_server(fleet, dataclasses.replace(message, adverts=adverts))
+            graph = neighbour_graph(forged.members, forged.degree, codec.session_id_of(forged))
+            neighbours.update(graph[victim])
+            return forged
+        return message
+
+    outcome = run_session(fleet, config, inputs, downlink_hook=substitute, verify_every_advert=verify_every_advert)
+    for device in neighbours:
+        assert isinstance(outcome.clients[device].error, SignatureError)
+    others = set(devices) - neighbours - {victim}
+    aborted_others = {d for d in others if outcome.clients[d].stage is Stage.ABORTED
+                      and isinstance(outcome.clients[d].error, SignatureError)}
+    assert aborted_others == (others if verify_every_advert else set())
 
 
 # --- malicious or broken devices and replays -------------------------------------------------------------
