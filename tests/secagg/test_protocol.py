@@ -445,3 +445,87 @@ def test_one_devices_masked_vector_is_uniform_under_chi_square():
     assert counts.size == 256
     assert chisquare(counts).pvalue > 1e-4
     assert chisquare(np.bincount(inputs[devices[0]], minlength=256)).pvalue < 1e-4  # the test can fail
+
+
+# --- the honest server's own rules --------------------------------------------------------------------
+
+
+def test_honest_server_never_asks_for_both_shares_or_for_mask_keys_of_survivors():
+    devices, fleet, config, inputs = setup(12, 4, 2)
+    requests: list[UnmaskRequest] = []
+
+    def capture(device, message):
+        if isinstance(message, UnmaskRequest):
+            requests.append(message)
+        return message
+
+    outcome = run_session(fleet, config, inputs, downlink_hook=capture,
+                          drop_at={Stage.MASKED_INPUT: {devices[0], devices[6]}})
+    assert not outcome.aborted and requests
+    assert any(r.mask_key_owners for r in requests)
+    for request in requests:
+        assert not set(request.self_mask_owners) & set(request.mask_key_owners)
+        assert not set(request.mask_key_owners) & set(request.survivors)
+
+
+@pytest.mark.parametrize("defect", ["short vector", "entries above 2^b", "unknown rejection"])
+def test_server_drops_a_device_whose_signed_masked_input_breaks_the_rules(defect):
+    devices, fleet, config, inputs = setup(8, 4, 2, bits=12)
+    cheat = devices[2]
+
+    def uplink(device, message):
+        if device == cheat and isinstance(message, MaskedInput):
+            if defect == "short vector":
+                message = dataclasses.replace(message, masked=message.masked[:-1].copy())
+            elif defect == "entries above 2^b":
+                message = dataclasses.replace(message, masked=message.masked | np.uint32(1 << 12))
+            else:
+                message = dataclasses.replace(message, rejected=("dev-99",))  # never sent it a share
+            return codec.sign(message, fleet.identities[cheat])
+        return message
+
+    outcome = run_session(fleet, config, inputs, uplink_hook=uplink)
+    rejection = next(r for r in outcome.server.rejections if r.sender == cheat)
+    assert isinstance(rejection.error, ProtocolViolationError)
+    assert cheat not in outcome.server.contributors
+    np.testing.assert_array_equal(outcome.result, exact_sum(inputs, set(devices) - {cheat}, 12))
+
+
+def test_server_refuses_shares_addressed_outside_the_senders_neighbourhood():
+    devices, fleet, config, inputs = setup(10, 4, 2)
+    cheat = devices[4]
+
+    def uplink(device, message):
+        if device == cheat and isinstance(message, ShareKeys):
+            first = message.shares[0]
+            stranger = next(d for d in devices if d != cheat and d not in {s.receiver for s in message.shares})
+            moved = EncryptedShare(first.sender, stranger, first.nonce, first.ciphertext)
+            return codec.sign(dataclasses.replace(message, shares=(moved,) + message.shares[1:]),
+                              fleet.identities[cheat])
+        return message
+
+    outcome = run_session(fleet, config, inputs, uplink_hook=uplink)
+    rejection = next(r for r in outcome.server.rejections if r.sender == cheat)
+    assert isinstance(rejection.error, ProtocolViolationError) and "neighbours" in str(rejection.error)
+    assert cheat not in outcome.server.u2
+    np.testing.assert_array_equal(outcome.result, exact_sum(inputs, set(devices) - {cheat}, 16))
+
+
+def test_client_reveals_nothing_to_a_second_unmask_request():
+    devices, fleet, config, inputs = setup(6, 5, 3)
+    sent: list[str] = []
+
+    def downlink(device, message):
+        if isinstance(message, UnmaskRequest) and device == devices[0]:
+            both = dataclasses.replace(message, mask_key_owners=message.self_mask_owners[:1])
+            return [message, resign_as_server(fleet, both)]
+        return message
+
+    def uplink(device, message):
+        if device == devices[0] and type(message).__name__ == "UnmaskShares":
+            sent.append(device)
+        return message
+
+    outcome = run_session(fleet, config, inputs, uplink_hook=uplink, downlink_hook=downlink)
+    assert sent == [devices[0]]  # one answer, to the first (honest) request only
+    assert outcome.clients[devices[0]].stage is Stage.DONE
