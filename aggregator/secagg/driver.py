@@ -119,8 +119,11 @@ def run_session(
     now = 0.0
     server, out = start_server(config, tuple(inputs), round_index, now)
     enrolled = fleet.enrolled
-    clients = {d: start_client(fleet.client_config(d, client_timeout, verify_every_advert, enrolled), inputs[d], now)
-               for d in inputs}
+    clients = {
+        d: start_client(fleet.client_config(d, client_timeout, verify_every_advert, enrolled), inputs[d], now,
+                        round_index)
+        for d in inputs
+    }
     silent: set[str] = set()
     outcome = SessionOutcome(server, clients, {d: 0 for d in inputs}, {d: 0 for d in inputs},
                              {d: 0 for d in inputs})

@@ -111,12 +111,19 @@ class ClientState:
 Outgoing = list  # messages for the server
 
 
-def start_client(config: ClientConfig, input_vector: np.ndarray, now: float) -> ClientState:
-    """A client waiting for the server's RoundStart; ``input_vector`` is already mod 2^b (uint32)."""
+def start_client(
+    config: ClientConfig, input_vector: np.ndarray, now: float, round_index: int | None = None
+) -> ClientState:
+    """A client waiting for the server's RoundStart; ``input_vector`` is already mod 2^b (uint32).
+
+    Passing the ``round_index`` the device expects (the orchestrator knows it) makes a RoundStart
+    replayed from an older round an ignored replay instead of a round the device would join.
+    """
     if config.device_id not in config.enrolled:
         raise SecAggConfigError(f"device {config.device_id!r} is not in its own enrolment directory")
     vector = np.ascontiguousarray(input_vector, dtype=np.uint32)
-    return ClientState(config=config, input_vector=vector, deadline=now + config.stage_timeout)
+    return ClientState(config=config, input_vector=vector, round_index=round_index,
+                       deadline=now + config.stage_timeout)
 
 
 def tick_client(state: ClientState, now: float) -> tuple[ClientState, Outgoing]:
@@ -158,14 +165,14 @@ def _server_signed(state: ClientState, message: object) -> bool:
     return True
 
 
-def _check_server_message(state: ClientState, message: object, receiver_field: bool = True) -> None:
+def _check_server_message(state: ClientState, message: object) -> None:
     codec.verify(message, state.config.server_public, "the aggregator")
     if message.round_index != state.round_index or message.session_id != state.session_id:
         raise ReplayError(
             f"{type(message).__name__} is for round {message.round_index} session "
             f"{message.session_id.hex()[:12]}, not this round's session {state.session_id.hex()[:12]}"
         )
-    if receiver_field and message.receiver != state.config.device_id:
+    if message.receiver != state.config.device_id:
         raise ReplayError(f"{type(message).__name__} is addressed to {message.receiver!r}")
 
 
@@ -191,6 +198,8 @@ def _on_abort(state: ClientState, message: Abort) -> tuple[ClientState, Outgoing
 def _advertise_keys(state: ClientState, message: object, now: float) -> tuple[ClientState, Outgoing]:
     if isinstance(message, RoundStart) and state.round_nonce is None:
         codec.verify(message, state.config.server_public, "the aggregator")
+        if state.round_index is not None and message.round_index != state.round_index:
+            raise ReplayError(f"RoundStart is for round {message.round_index}, this device expects {state.round_index}")
         check_bits(message.bits)
         if message.vector_length != state.input_vector.size:
             raise SecAggConfigError(

@@ -413,6 +413,25 @@ def test_client_ignores_a_relay_replayed_from_an_earlier_session():
     np.testing.assert_array_equal(outcome.result, exact_sum(inputs, set(devices) - {devices[1]}, 16))
 
 
+def test_client_ignores_a_round_start_replayed_from_an_older_round():
+    devices, fleet, config, inputs = setup(4, 3, 2)
+    old: dict[str, object] = {}
+
+    def record(device, message):
+        old.setdefault(device, message)  # the first downlink is RoundStart
+        return message
+
+    run_session(fleet, config, inputs, round_index=1, downlink_hook=record)
+
+    def replay(device, message):
+        return [old[device], message] if type(message).__name__ == "RoundStart" else message
+
+    outcome = run_session(fleet, config, inputs, round_index=2, downlink_hook=replay)
+    assert not outcome.aborted, outcome.abort_reason
+    assert all(isinstance(c.rejections[0], ReplayError) for c in outcome.clients.values())
+    np.testing.assert_array_equal(outcome.result, exact_sum(inputs, devices, 16))
+
+
 def test_client_gives_up_after_its_stage_deadline():
     devices, fleet, config, inputs = setup(4, 3, 2)
     outcome = run_session(fleet, config, inputs, drop_at={Stage.MASKED_INPUT: set(devices[:3])})
