@@ -16,6 +16,7 @@ import onnx
 from google.protobuf.message import DecodeError
 from onnx import TensorProto, numpy_helper
 
+from aggregator.compiler.canonical_form import fold_linear_layers
 from aggregator.compiler.errors import CompileError
 
 log = logging.getLogger(__name__)
@@ -58,6 +59,11 @@ def load_model(model: onnx.ModelProto | str | Path) -> tuple[onnx.ModelProto, st
         raise CompileError(f"{path} is not a valid ONNX model (truncated or corrupt protobuf: {exc})") from exc
     if not proto.graph.node and not proto.graph.output:
         raise CompileError(f"{path} is not a valid ONNX model: it holds no graph (truncated or not ONNX?)")
+    if any(t.data_location == onnx.TensorProto.EXTERNAL for t in proto.graph.initializer):
+        try:
+            onnx.external_data_helper.load_external_data_for_model(proto, str(path.parent))
+        except (OSError, ValueError) as exc:
+            raise CompileError(f"cannot load the external weights of {path}: {exc}") from exc
     return proto, str(path)
 
 
@@ -144,9 +150,10 @@ def prepare_model(model: onnx.ModelProto | str | Path, dtype: str) -> PreparedMo
         raise CompileError(f"model input {x.name!r} has no known rank; export it with a shape")
     dims[0].Clear()
     dims[0].dim_param = BATCH_DIM
-    for name in ("x", "y", "lr", "step", "loss", "output"):
+    for name in RESERVED_NAMES:
         if name in init_names:
             raise CompileError(f"the model has an initializer named {name!r}, which the bundle reserves")
+    _free_reserved_names(graph, keep={x.name, graph.output[0].name}, taken=init_names)
     _rename_value(graph, x.name, INPUT_NAME)
     output_name = graph.output[0].name
 
@@ -163,6 +170,8 @@ def prepare_model(model: onnx.ModelProto | str | Path, dtype: str) -> PreparedMo
             shapes[value.name] = tuple(d.dim_value if d.HasField("dim_value") else None for d in tt.shape.dim)
     params: dict[str, np.ndarray] = {}
     constants: dict[str, np.ndarray] = {}
+    float_inits = {t.name: numpy_helper.to_array(t) for t in graph.initializer if t.data_type == target}
+    fold_linear_layers(graph, float_inits, shapes, protected={output_name})
     for init in graph.initializer:
         array = numpy_helper.to_array(init)
         shapes[init.name] = tuple(array.shape)
@@ -174,6 +183,21 @@ def prepare_model(model: onnx.ModelProto | str | Path, dtype: str) -> PreparedMo
                 if attr.name == "value":
                     constants[node.output[0]] = numpy_helper.to_array(attr.t)
     return PreparedModel(proto, opset, output_name, params, constants, shapes, elem_types, source)
+
+
+RESERVED_NAMES = ("x", "y", "lr", "step", "loss", "output")
+
+
+def _free_reserved_names(graph: onnx.GraphProto, keep: set[str], taken: set[str]) -> None:
+    """Rename intermediate values that use a name the bundle reserves for its own inputs/outputs."""
+    used = {name for node in graph.node for name in list(node.input) + list(node.output)}
+    for name in RESERVED_NAMES:
+        if name in used and name not in keep and name not in taken:
+            new, k = f"{name}__model", 1
+            while new in used:
+                k += 1
+                new = f"{name}__model{k}"
+            _rename_value(graph, name, new)
 
 
 def _rename_value(graph: onnx.GraphProto, old: str, new: str) -> None:

@@ -270,3 +270,53 @@ def test_gemm_gradients_use_trans_flags_instead_of_transpose_nodes():
 
     compiled = compile_graphs(model_zoo.mlp(), loss="cross_entropy", optimizer="adam")
     assert "Transpose" not in [n.op_type for n in compiled.train_step.graph.node]
+
+
+def transposed_weight_linear():
+    """torch-style ``x @ W.T + b`` exported as MatMul(x, Transpose(W)) then Add."""
+    t = TinyModel([4])
+    h = t.scaled_x([4])
+    wt = t.node("Transpose", [t.param([3, 4])], perm=[1, 0])
+    return t.build(t.node("Add", [t.node("MatMul", [h, wt]), t.param([3])]))
+
+
+def test_matmul_on_transposed_weight_plus_bias_becomes_one_gemm():
+    model = transposed_weight_linear()
+    compiled = compile_for_gradients(model, "mse")
+    for graph in (compiled.eval, compiled.train_step):
+        ops = [n.op_type for n in graph.graph.node]
+        assert "Transpose" not in ops and "MatMul" not in ops
+    x, y = make_batch(compiled, 4)
+    finite_difference_check(compiled, x, y, sgd_gradients(compiled, compiled.initial_params, x, y))
+    import onnxruntime as ort
+
+    expected = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(
+        None, {"x": x.astype(np.float32)})[0]
+    compiled32 = compile_graphs(model, loss="mse", optimizer="sgd")
+    got = ort.InferenceSession(compiled32.eval.SerializeToString(), providers=["CPUExecutionProvider"]).run(
+        ["output"], {"x": x.astype(np.float32), "y": y.astype(np.float32), **compiled32.initial_params})[0]
+    np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-6)
+
+
+def test_intermediate_values_named_like_bundle_io_are_renamed():
+    t = TinyModel([4])
+    # an exporter's choice of value names that the bundle reserves for its own inputs and outputs
+    t.nodes.append(helper.make_node("Gemm", ["x", t.param([4, 4]), t.param([4])], ["loss"], transB=1))
+    t.nodes.append(helper.make_node("Relu", ["loss"], ["y"]))
+    t.nodes.append(helper.make_node("Tanh", ["y"], ["prediction"]))
+    compiled = compile_for_gradients(t.build("prediction"), "mse")
+    x, y = make_batch(compiled, 3)
+    finite_difference_check(compiled, x, y, sgd_gradients(compiled, compiled.initial_params, x, y))
+
+
+def test_model_with_external_weights_compiles_from_its_path(tmp_path):
+    from aggregator import model_zoo
+
+    path = tmp_path / "mlp.onnx"
+    onnx.save_model(model_zoo.mlp((64, 32, 10)), path, save_as_external_data=True, all_tensors_to_one_file=True,
+                    location="mlp.weights", size_threshold=0)
+    assert (tmp_path / "mlp.weights").exists()
+    compiled = compile_graphs(path, loss="cross_entropy", optimizer="sgd")
+    expected = {t.name: numpy_helper.to_array(t) for t in model_zoo.mlp((64, 32, 10)).graph.initializer}
+    for name, value in compiled.initial_params.items():
+        np.testing.assert_array_equal(value, expected[name])
