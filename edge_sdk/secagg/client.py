@@ -258,11 +258,10 @@ def _on_roster(state: ClientState, roster: Roster, now: float) -> tuple[ClientSt
     xs = [index[v] for v in neighbours] + [index[me]]
     b_shares = split_secret(state.self_seed, roster.threshold, xs)
     s_shares = split_secret(state.s_key.private, roster.threshold, xs)
-    own_share = SharePlaintext(me, me, encode_share(b_shares[index[me]]), encode_share(s_shares[index[me]]))
+    own_share = SharePlaintext(encode_share(b_shares[index[me]]), encode_share(s_shares[index[me]]))
     shares = []
     for v in neighbours:
-        plaintext = codec.body_bytes(SharePlaintext(me, v, encode_share(b_shares[index[v]]),
-                                                    encode_share(s_shares[index[v]])))
+        plaintext = codec.body_bytes(SharePlaintext(encode_share(b_shares[index[v]]), encode_share(s_shares[index[v]])))
         key = share_encryption_key(state.c_key.exchange(adverts[v].c_public), session_id)
         aad = associated_data(session_id, roster.round_index, me, v, Stage.SHARE_KEYS)
         nonce, ciphertext = encrypt_share(key, plaintext, aad)
@@ -291,8 +290,8 @@ def _share_keys(state: ClientState, message: object, now: float) -> tuple[Client
         aad = associated_data(state.session_id, state.round_index, v, me, Stage.SHARE_KEYS)
         try:
             plain = codec.decode(decrypt_share(key, share.nonce, share.ciphertext, aad, f"share from {v!r}"))
-            if not isinstance(plain, SharePlaintext) or plain.sender != v or plain.receiver != me:
-                raise DecryptionError(f"share from {v!r} decrypts to the wrong sender or receiver")
+            if not isinstance(plain, SharePlaintext):
+                raise DecryptionError(f"share from {v!r} decrypts to a {type(plain).__name__}, not shares")
             decode_share(plain.self_mask_share)
             decode_share(plain.mask_key_share)
         except SecAggError as exc:

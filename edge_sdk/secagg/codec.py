@@ -235,8 +235,7 @@ _SCHEMAS: dict[type, tuple[int, tuple[tuple[str, Any], ...]]] = {
                           ("self_mask_shares", (_pairs_w(SHARE_BYTES), _pairs_r(SHARE_BYTES))),
                           ("mask_key_shares", (_pairs_w(SHARE_BYTES), _pairs_r(SHARE_BYTES))))),
     m.Abort: (11, (("session_id", _B32), ("round_index", _U64), ("reason", _REASON))),
-    m.SharePlaintext: (12, (("sender", _ID), ("receiver", _ID), ("self_mask_share", _fixed(SHARE_BYTES)),
-                            ("mask_key_share", _fixed(SHARE_BYTES)))),
+    m.SharePlaintext: (12, (("self_mask_share", _fixed(SHARE_BYTES)), ("mask_key_share", _fixed(SHARE_BYTES)))),
 }
 _BY_TAG = {tag: (cls, schema) for cls, (tag, schema) in _SCHEMAS.items()}
 _SIGNED = frozenset(cls for cls in _SCHEMAS if any(f.name == "signature" for f in fields(cls)))

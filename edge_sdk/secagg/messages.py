@@ -81,10 +81,11 @@ class EncryptedShare:
 
 @dataclass(frozen=True)
 class SharePlaintext:
-    """What an EncryptedShare decrypts to: one Shamir share of each of the sender's two secrets."""
+    """What an EncryptedShare decrypts to: one Shamir share of each of the sender's two secrets.
 
-    sender: str
-    receiver: str
+    Sender and receiver are not repeated inside: the AES-GCM associated data already binds them.
+    """
+
     self_mask_share: bytes
     mask_key_share: bytes
 

@@ -30,7 +30,7 @@ SAMPLES = [
     m.UnmaskRequest("dev-1", SID, 4, ("dev-1", "dev-2"), (("dev-2", b"\x03" * 64),), ("dev-2",), ("dev-3",)),
     m.UnmaskShares("dev-1", SID, 4, (("dev-2", SHARE),), (("dev-3", SHARE),)),
     m.Abort(SID, 4, "only 2 devices shared their keys, below the threshold t=3"),
-    m.SharePlaintext("dev-1", "dev-2", SHARE, SHARE),
+    m.SharePlaintext(SHARE, SHARE),
 ]
 
 
