@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import itertools
 import os
 
@@ -183,3 +185,35 @@ def test_layout_refuses_float_tensors_and_wrong_shapes():
         layout.flatten({"w": np.zeros(3, dtype=np.uint32)})
     with pytest.raises(SecAggConfigError, match="layout needs"):
         layout.unflatten(np.zeros(3, dtype=np.uint32))
+
+
+def test_share_key_is_rfc5869_hkdf_of_the_x25519_secret():
+    shared, session = bytes(range(32)), b"\x42" * 32
+    prk = hmac.new(bytes(32), shared, hashlib.sha256).digest()
+    info = b"fleetlearn/secagg/v1/share-encryption|" + session
+    expected = hmac.new(prk, info + b"\x01", hashlib.sha256).digest()
+    assert share_encryption_key(shared, session) == expected
+
+
+def test_x25519_agreement_matches_the_rfc7748_vector():
+    alice = AgreementKey(bytes.fromhex("77076d0a7318a57d3c16c17251b26645df4c2f87ebc0992ab177fba51db92c2a"))
+    bob_public = bytes.fromhex("de9edb7d7b7dc1b4d35b61c2ece435373f8343c85b78674dadfc7e146f882b4f")
+    assert alice.public.hex() == "8520f0098930a754748b7ddcb43ef75a0dbf3a0d26381af4eba4a98eaa9b4e6a"
+    assert alice.exchange(bob_public).hex() == "4a5d9d5ba4ce2de1728e3bf480350f25e07e21c947d19e3376f09b3c1e161742"
+
+
+@given(
+    plaintext=st.binary(max_size=200), round_index=st.integers(0, 2**64 - 1), sender=st.text(min_size=1, max_size=20)
+)
+@settings(max_examples=40, deadline=None)
+def test_share_encryption_round_trips_for_any_plaintext_and_context(plaintext, round_index, sender):
+    key = share_encryption_key(bytes(32), b"s" * 32)
+    aad = associated_data(b"s" * 32, round_index, sender, "receiver", 2)
+    nonce, ciphertext = encrypt_share(key, plaintext, aad)
+    assert len(ciphertext) == len(plaintext) + 16
+    assert decrypt_share(key, nonce, ciphertext, aad, "share") == plaintext
+
+
+def test_agreement_key_refuses_a_private_key_of_the_wrong_length():
+    with pytest.raises(SecAggConfigError, match="32 bytes"):
+        AgreementKey(b"\x01" * 31)
