@@ -195,6 +195,8 @@ RULE_CASES = {
     "conv2d_depthwise": conv([3, 5, 5], 3, (3, 3), group=3, pads=[1, 1, 1, 1]),
     "conv2d_no_bias_valid": conv([2, 5, 5], 2, (2, 2), bias=False, auto_pad="VALID"),
     "conv1d": conv([2, 9], 3, (3,), strides=[2]),
+    "conv2d_5x5_kernel_transposed_path": conv([2, 8, 7], 3, (5, 5), strides=[1, 2], pads=[2, 1, 2, 1]),
+    "conv3d": conv([2, 4, 5, 4], 2, (2, 3, 2), pads=[1, 0, 0, 0, 1, 1]),
     "maxpool_2x2_tiling": pool("MaxPool", [2, 6, 6], kernel_shape=[2, 2], strides=[2, 2]),
     "maxpool_2x2_odd_input": pool("MaxPool", [2, 7, 5], kernel_shape=[2, 2], strides=[2, 2]),
     "maxpool_3x3_stride2_overlapping": pool("MaxPool", [2, 7, 7], kernel_shape=[3, 3], strides=[2, 2]),
