@@ -55,7 +55,7 @@ from edge_sdk.secagg.shamir import decode_share
 
 log = logging.getLogger(__name__)
 
-Outgoing = list  # of (device_id, message)
+Outgoing = list[tuple[str, object]]  # (device id, message) pairs to deliver
 
 
 class StaleMessageError(SecAggError):

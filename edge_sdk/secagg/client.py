@@ -76,6 +76,11 @@ class ClientConfig:
     # device uses (its neighbours' and its own, k + 1 signatures); every key in use is still
     # checked by each device that uses it. The simulator runs thousands of devices in one process.
     verify_every_advert: bool = True
+    # Against an active server that shows different survivor sets to two disjoint groups of a
+    # device's share holders (one group reveals b_u, the other s_u), t must be a strict majority
+    # of the k + 1 holders: then two such groups cannot both reach t. Off by default: the
+    # reference (k, t) points assume an honest-but-curious server (t = k/2 at n = 100).
+    require_majority_threshold: bool = False
 
 
 @dataclass(frozen=True, eq=False)
@@ -108,7 +113,7 @@ class ClientState:
         return str(self.error) if self.stage is Stage.ABORTED and self.error is not None else None
 
 
-Outgoing = list  # messages for the server
+Outgoing = list[object]  # messages for the server
 
 
 def start_client(
@@ -234,6 +239,11 @@ def _on_roster(state: ClientState, roster: Roster, now: float) -> tuple[ClientSt
     if not state.config.min_threshold <= roster.threshold <= roster.degree + 1:
         raise ProtocolViolationError(
             f"roster threshold t={roster.threshold} is outside [{state.config.min_threshold}, k+1={roster.degree + 1}]"
+        )
+    if state.config.require_majority_threshold and 2 * roster.threshold <= roster.degree + 1:
+        raise ProtocolViolationError(
+            f"roster threshold t={roster.threshold} is not a strict majority of the k+1={roster.degree + 1} "
+            "share holders, which this device requires against an active server"
         )
     unknown = [m for m in members if m not in state.config.enrolled]
     if unknown:

@@ -11,9 +11,9 @@ from hypothesis import strategies as st
 from scipy.stats import chisquare
 
 from aggregator.secagg.driver import Fleet, run_session
-from aggregator.secagg.server import ServerConfig
+from aggregator.secagg.server import ServerConfig, handle_server, start_server, tick_server
 from edge_sdk.secagg import codec
-from edge_sdk.secagg.client import tick_client
+from edge_sdk.secagg.client import handle_client, start_client, tick_client
 from edge_sdk.secagg.errors import (
     ConsistencyError,
     ProtocolViolationError,
@@ -312,6 +312,23 @@ def test_a_substituted_neighbour_key_is_caught_whichever_adverts_a_device_checks
     assert aborted_others == (others if verify_every_advert else set())
 
 
+def test_device_requiring_a_majority_threshold_refuses_a_roster_below_it():
+    devices, fleet, config, inputs = setup(6, 5, 3)  # t = 3 of k + 1 = 6 holders: no strict majority
+    strict = dataclasses.replace(fleet.client_config(devices[0]), require_majority_threshold=True)
+    clients = {d: start_client(strict if d == devices[0] else fleet.client_config(d), inputs[d], now=0.0)
+               for d in devices}
+    server, starts = start_server(config, tuple(devices), 1, now=0.0)
+    rosters = []
+    for device, start in starts:
+        clients[device], (advert,) = handle_client(clients[device], start, now=0.0)
+        server, sends = handle_server(server, advert, now=0.0)
+        rosters += sends
+    assert server.stage is Stage.SHARE_KEYS and tick_server(server, now=0.5)[1] == []
+    state, sent = handle_client(clients[devices[0]], dict(rosters)[devices[0]], now=1.0)
+    assert state.stage is Stage.ABORTED and sent == []
+    assert "strict majority" in state.abort_reason
+
+
 # --- malicious or broken devices and replays -------------------------------------------------------------
 
 
@@ -437,8 +454,6 @@ def test_client_gives_up_after_its_stage_deadline():
     outcome = run_session(fleet, config, inputs, drop_at={Stage.MASKED_INPUT: set(devices[:3])})
     lonely = outcome.clients[devices[3]]
     assert lonely.stage is Stage.ABORTED  # the server aborted and told it
-    from edge_sdk.secagg.client import start_client
-
     waiting = start_client(fleet.client_config(devices[0], stage_timeout=5.0), inputs[devices[0]], now=0.0)
     assert tick_client(waiting, 4.9)[0].stage is Stage.ADVERTISE_KEYS
     timed_out, sent = tick_client(waiting, 5.0)
