@@ -226,3 +226,55 @@ def reduce_mean_grad(ctx: GradContext, node, grads):
         scale = em.scalar(1.0 / float(np.prod(sizes)))
     g = em.mul(g, scale)
     return [em.node("Expand", [g, em.node("Shape", [x])])] + [None] * (len(node.input) - 1)
+
+
+@rule("Neg")
+def neg_grad(ctx: GradContext, node, grads):
+    return [ctx.em.node("Neg", [grads[0]])]
+
+
+@rule("Clip")
+def clip_grad(ctx: GradContext, node, grads):
+    """Gradient 1 strictly inside (min, max), as PyTorch's hardtanh/ReLU6 backward; min/max are settings."""
+    x = node.input[0]
+    em = ctx.em
+    inside = None
+    for index, op in ((1, "Greater"), (2, "Less")):
+        if len(node.input) > index and node.input[index]:
+            test = em.node(op, [x, node.input[index]])
+            inside = test if inside is None else em.node("And", [inside, test])
+    if inside is None:
+        return [grads[0]] + [None] * (len(node.input) - 1)
+    return [em.mul(grads[0], _mask(ctx, inside))] + [None] * (len(node.input) - 1)
+
+
+@rule("Pad")
+def pad_grad(ctx: GradContext, node, grads):
+    """Constant-mode padding: the gradient is the unpadded window of the incoming gradient."""
+    mode = node_attrs(node).get("mode", b"constant")
+    mode = mode.decode() if isinstance(mode, bytes) else mode
+    if mode != "constant":
+        raise ctx.unsupported(node, f"mode={mode} (supported: constant)")
+    x = node.input[0]
+    shape = ctx.shape(node, x)
+    rank = len(shape)
+    pads = [int(p) for p in ctx.constant(node, node.input[1]).tolist()]
+    axes = list(range(rank))
+    if len(node.input) > 3 and node.input[3]:
+        axes = [int(a) % rank for a in ctx.constant(node, node.input[3]).tolist()]
+    if any(p < 0 for p in pads):
+        raise ctx.unsupported(node, "negative pads (cropping)")
+    begins, ends, sliced = [], [], []
+    for i, axis in enumerate(axes):
+        before, after = pads[i], pads[len(axes) + i]
+        if before or after:
+            if shape[axis] is None:
+                raise ctx.unsupported(node, f"padding the dynamic axis {axis}")
+            begins.append(before)
+            ends.append(before + shape[axis])
+            sliced.append(axis)
+    if not sliced:
+        return [grads[0]] + [None] * (len(node.input) - 1)
+    em = ctx.em
+    window = em.node("Slice", [grads[0], em.ints(begins), em.ints(ends), em.ints(sliced)])
+    return [window] + [None] * (len(node.input) - 1)

@@ -105,6 +105,25 @@ def unary(op, **attrs):
     return build
 
 
+def clip(low, high):
+    def build():
+        t = TinyModel([3, 5])
+        h = t.node("Add", [t.scaled_x([5]), t.param([5])])
+        bounds = [t.const(np.asarray(v, np.float32)) if v is not None else "" for v in (low, high)]
+        return t.build(t.node("Clip", [h, *bounds]))
+    return build
+
+
+def pad(pads, opset, axes=None):
+    def build():
+        t = TinyModel([2, 3, 4], opset=opset)
+        h = t.node("Add", [t.scaled_x([4]), t.param([2, 3, 4])])
+        inputs = [h, t.ints(pads), t.const(np.asarray(0.5, np.float32))] + ([t.ints(axes)] if axes else [])
+        out = t.node("Pad", inputs, mode="constant")
+        return t.build(t.node("Mul", [out, out]))
+    return build
+
+
 def conv(x_shape, c_out, kernel, bias=True, **attrs):
     def build():
         t = TinyModel(x_shape)
@@ -188,6 +207,11 @@ RULE_CASES = {
     "softmax_last_axis": unary("Softmax"),
     "softmax_axis1": unary("Softmax", axis=1),
     "log_softmax": unary("LogSoftmax", axis=-1),
+    "neg": unary("Neg"),
+    "clip_relu6": clip(0.0, 0.6),
+    "clip_min_only": clip(-0.2, None),
+    "pad_constant": pad([0, 0, 1, 2, 0, 0, 3, 0], 17),
+    "pad_constant_axes_input": pad([1, 2, 0, 1], 18, axes=[1, -1]),
     "conv2d": conv([2, 6, 6], 3, (3, 3)),
     "conv2d_stride_asymmetric_pads": conv([2, 7, 6], 3, (3, 2), strides=[2, 2], pads=[1, 0, 2, 1]),
     "conv2d_dilation": conv([2, 7, 7], 2, (2, 3), dilations=[2, 1], pads=[1, 1, 1, 1]),
