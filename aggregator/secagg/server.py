@@ -33,7 +33,7 @@ from edge_sdk.secagg.errors import (
     SignatureError,
 )
 from edge_sdk.secagg.graph import neighbour_graph
-from edge_sdk.secagg.keys import IdentityKey
+from edge_sdk.secagg.keys import AgreementKey, IdentityKey
 from edge_sdk.secagg.messages import (
     Abort,
     AdvertiseKeys,
@@ -56,6 +56,9 @@ from edge_sdk.secagg.shamir import decode_share
 log = logging.getLogger(__name__)
 
 Outgoing = list[tuple[str, object]]  # (device id, message) pairs to deliver
+
+
+_KEY_PROBE = AgreementKey.generate()  # only used to test advertised public keys for low order
 
 
 class StaleMessageError(SecAggError):
@@ -252,6 +255,11 @@ def _on_advertise(state: ServerState, message: object) -> ServerState:
         raise ReplayError(f"advert from {sender!r} is for round {message.round_index} with another nonce (replay)")
     if sender in state.offenders:
         raise StaleMessageError(f"{sender!r} was dropped earlier in this round")
+    for name in ("c_public", "s_public"):
+        try:  # a low-order X25519 key would make every neighbour's agreement fail later
+            _KEY_PROBE.exchange(getattr(message, name))
+        except SignatureError:
+            raise ProtocolViolationError(f"{sender!r} advertised an unusable (low-order) {name}") from None
     previous = state.adverts.get(sender)
     if previous is not None:
         if previous == message:

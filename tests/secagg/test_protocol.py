@@ -525,6 +525,22 @@ def test_server_drops_a_device_whose_signed_masked_input_breaks_the_rules(defect
     np.testing.assert_array_equal(outcome.result, exact_sum(inputs, set(devices) - {cheat}, 12))
 
 
+def test_server_drops_a_device_advertising_a_low_order_key():
+    devices, fleet, config, inputs = setup(6, 5, 2)
+    cheat = devices[1]
+
+    def uplink(device, message):
+        if device == cheat and isinstance(message, AdvertiseKeys):
+            return codec.sign(dataclasses.replace(message, s_public=bytes(32)), fleet.identities[cheat])
+        return message
+
+    outcome = run_session(fleet, config, inputs, uplink_hook=uplink)
+    rejection = next(r for r in outcome.server.rejections if r.sender == cheat)
+    assert isinstance(rejection.error, ProtocolViolationError) and "low-order" in str(rejection.error)
+    assert cheat not in outcome.server.roster.members
+    np.testing.assert_array_equal(outcome.result, exact_sum(inputs, set(devices) - {cheat}, 16))
+
+
 def test_server_refuses_shares_addressed_outside_the_senders_neighbourhood():
     devices, fleet, config, inputs = setup(10, 4, 2)
     cheat = devices[4]
