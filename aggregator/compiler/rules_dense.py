@@ -151,8 +151,9 @@ def matmul_grad(ctx: GradContext, node, grads):
         if ctx.needs(a):
             if len(sa) == 2:
                 ga = em.node("Gemm", [g, b], transB=1)
-            else:
-                ga = em.node("MatMul", [g, em.node("Transpose", [b])])
+            else:  # fold the batch dims into rows: one Gemm, no Transpose of the weight
+                ga = em.node("Gemm", [em.reshape(g, [-1, sb[1]]), b], transB=1)
+                ga = ctx.reshape_like(ga, node, a)
         if ctx.needs(b):
             if len(sa) == 2:
                 gb = em.node("Gemm", [a, g], transA=1)
