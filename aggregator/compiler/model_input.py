@@ -150,6 +150,10 @@ def prepare_model(model: onnx.ModelProto | str | Path, dtype: str) -> PreparedMo
         raise CompileError(f"model input {x.name!r} has no known rank; export it with a shape")
     dims[0].Clear()
     dims[0].dim_param = BATCH_DIM
+    out_dims = graph.output[0].type.tensor_type.shape.dim
+    if len(out_dims):  # let inference tell whether the output's batch dimension follows x's
+        out_dims[0].Clear()
+        out_dims[0].dim_param = "output_batch"
     for name in RESERVED_NAMES:
         if name in init_names:
             raise CompileError(f"the model has an initializer named {name!r}, which the bundle reserves")
@@ -168,6 +172,13 @@ def prepare_model(model: onnx.ModelProto | str | Path, dtype: str) -> PreparedMo
         elem_types[value.name] = tt.elem_type
         if tt.HasField("shape"):
             shapes[value.name] = tuple(d.dim_value if d.HasField("dim_value") else None for d in tt.shape.dim)
+    out_shape = shapes.get(output_name)
+    if out_shape and out_shape[0] is not None:
+        raise CompileError(
+            f"the output {output_name!r} of {source} has a fixed batch dimension of {out_shape[0]} when the input "
+            "batch is dynamic (a reshape with a hard-coded batch size?); export with a dynamic batch axis, "
+            "e.g. torch.onnx.export(..., dynamic_axes={'input': {0: 'batch'}}) or dynamic_shapes"
+        )
     params: dict[str, np.ndarray] = {}
     constants: dict[str, np.ndarray] = {}
     float_inits = {t.name: numpy_helper.to_array(t) for t in graph.initializer if t.data_type == target}

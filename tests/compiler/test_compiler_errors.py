@@ -153,3 +153,13 @@ def test_dropout_in_training_mode_is_rejected():
     model.graph.output[0].name = "dropped"
     with pytest.raises(UnsupportedOpError, match=r"'/drop/Dropout' \(op Dropout\): training_mode=True"):
         compile_graphs(model, loss="mse", optimizer="sgd")
+
+
+def test_model_exported_with_a_hard_coded_batch_size_is_rejected():
+    model = model_zoo.cnn()
+    flatten = next(n for n in model.graph.node if n.op_type == "Flatten")
+    model.graph.initializer.append(numpy_helper.from_array(np.asarray([32, 400], np.int64), "fixed_shape"))
+    flatten.CopyFrom(helper.make_node("Reshape", [flatten.input[0], "fixed_shape"], [flatten.output[0]],
+                                      name="/Reshape"))
+    with pytest.raises(CompileError, match="fixed batch dimension of 32"):
+        compile_graphs(model, loss="cross_entropy", optimizer="sgd")

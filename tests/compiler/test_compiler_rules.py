@@ -172,6 +172,8 @@ def reduce_mean(axes, keepdims, opset):
             out = t.node("ReduceMean", [h, t.ints(axes)], keepdims=keepdims)
         else:
             out = t.node("ReduceMean", [h], axes=axes, keepdims=keepdims)
+        if 0 in axes:  # a mean over the batch (keepdims): broadcast back so the output keeps its batch axis
+            out = t.node("Mul", [out, h])
         return t.build(out)
     return build
 
@@ -245,7 +247,7 @@ RULE_CASES = {
     "identity_dropout_opset13": shape_op("identity_dropout", opset=13),
     "reducemean_axes_attribute_opset17": reduce_mean([1], 1, 17),
     "reducemean_axes_input_opset18": reduce_mean([2], 0, 18),
-    "reducemean_over_batch_dim": reduce_mean([0, 2], 0, 18),
+    "reducemean_over_batch_dim": reduce_mean([0, 2], 1, 18),
     "batchnormalization_frozen_stats": batch_norm,
 }
 
