@@ -348,3 +348,21 @@ def test_model_with_external_weights_compiles_from_its_path(tmp_path):
     expected = {t.name: numpy_helper.to_array(t) for t in model_zoo.mlp((64, 32, 10)).graph.initializer}
     for name, value in compiled.initial_params.items():
         np.testing.assert_array_equal(value, expected[name])
+
+
+@pytest.mark.parametrize("attrs", [
+    {"kernel_shape": [2, 2], "strides": [2, 2]},  # tiling windows: ArgMax path
+    {"kernel_shape": [2, 2], "strides": [2, 2], "pads": [0, 0, 1, 1]},  # Indices + ScatterElements path
+], ids=["tiling", "padded"])
+def test_maxpool_gradient_goes_to_the_first_maximum_on_ties_like_pytorch(attrs):
+    t = TinyModel([1, 4, 4])
+    t.inits.append(numpy_helper.from_array(np.zeros((1, 4, 4), np.float32), "bias"))
+    out = t.node("MaxPool", [t.node("Add", ["x", "bias"])], **attrs)
+    compiled = compile_graphs(t.build(out), loss="mse", optimizer="sgd", trainable=["bias"])
+    x = np.ones((1, 1, 4, 4), np.float32)  # every window is one big tie
+    y = np.zeros((1, *compiled.manifest.output.shape[1:]), np.float32)
+    grad = sgd_gradients(compiled, compiled.initial_params, x, y)["bias"][0]
+    expected = np.zeros((4, 4), np.float32)
+    expected[::2, ::2] = 1.0  # the top-left (first, row-major) element of each 2x2 window
+    assert np.count_nonzero(grad) == 4
+    np.testing.assert_array_equal(grad != 0, expected != 0)
