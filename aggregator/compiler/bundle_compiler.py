@@ -40,6 +40,7 @@ LOSS_NAME = "loss"
 NON_DIFFERENTIABLE_INPUTS = {
     "BatchNormalization": (3, 4), "Dropout": (1, 2), "Clip": (1, 2), "Reshape": (1,), "Expand": (1,),
     "Squeeze": (1,), "Unsqueeze": (1,), "ReduceMean": (1,), "ReduceSum": (1,), "Pad": (1, 2, 3),
+    "Slice": (1, 2, 3, 4),
 }
 
 

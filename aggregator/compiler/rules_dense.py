@@ -279,3 +279,52 @@ def pad_grad(ctx: GradContext, node, grads):
     em = ctx.em
     window = em.node("Slice", [grads[0], em.ints(begins), em.ints(ends), em.ints(sliced)])
     return [window] + [None] * (len(node.input) - 1)
+
+
+@rule("Exp")
+def exp_grad(ctx: GradContext, node, grads):
+    return [ctx.em.mul(grads[0], node.output[0])]
+
+
+@rule("Log")
+def log_grad(ctx: GradContext, node, grads):
+    return [ctx.em.div(grads[0], node.input[0])]
+
+
+@rule("Sqrt")
+def sqrt_grad(ctx: GradContext, node, grads):
+    return [ctx.em.div(ctx.em.mul(grads[0], ctx.em.scalar(0.5)), node.output[0])]
+
+
+@rule("Slice")
+def slice_grad(ctx: GradContext, node, grads):
+    """Unit-step slices (what ``x[:, a:b]`` and ``torch.chunk`` export): zero-pad the gradient back."""
+    x = node.input[0]
+    shape = ctx.shape(node, x)
+    rank = len(shape)
+
+    def ints(index, default):
+        if len(node.input) > index and node.input[index]:
+            return [int(v) for v in ctx.constant(node, node.input[index]).tolist()]
+        return default
+
+    starts, ends = ints(1, None), ints(2, None)
+    axes = [a % rank for a in ints(3, list(range(len(starts))))]
+    steps = ints(4, [1] * len(starts))
+    if any(s != 1 for s in steps):
+        raise ctx.unsupported(node, f"steps={steps} (supported: 1)")
+    pads = [0] * (2 * rank)
+    for start, end, axis in zip(starts, ends, axes, strict=True):
+        size = shape[axis]
+        if size is None:
+            if start == 0 and end >= 2**31 - 1:  # the whole dynamic (batch) axis: nothing is cut
+                continue
+            raise ctx.unsupported(node, f"slicing the dynamic axis {axis}")
+        start = min(max(start + size if start < 0 else start, 0), size)
+        end = min(max(end + size if end < 0 else end, 0), size)
+        pads[axis] = start
+        pads[rank + axis] = size - max(end, start)
+    if not any(pads):
+        return [grads[0]] + [None] * (len(node.input) - 1)
+    padded = ctx.em.node("Pad", [grads[0], ctx.em.ints(pads)], mode="constant")
+    return [padded] + [None] * (len(node.input) - 1)

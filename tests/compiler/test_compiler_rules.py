@@ -105,6 +105,24 @@ def unary(op, **attrs):
     return build
 
 
+def positive_unary(op):
+    def build():
+        t = TinyModel([3, 5])
+        h = t.node("Add", [t.node("Mul", [t.scaled_x([5]), t.scaled_x([5])]), t.param([5], 0.5, 1.0)])
+        return t.build(t.node(op, [h]))
+    return build
+
+
+def slice_case(starts, ends, axes, opset=17):
+    def build():
+        t = TinyModel([2, 3, 4], opset=opset)
+        h = t.node("Add", [t.scaled_x([4]), t.param([2, 3, 4])])
+        inputs = [h, t.ints(starts), t.ints(ends)] + ([t.ints(axes)] if axes else [])
+        out = t.node("Slice", inputs)
+        return t.build(t.node("Mul", [out, out]))
+    return build
+
+
 def clip(low, high):
     def build():
         t = TinyModel([3, 5])
@@ -210,6 +228,12 @@ RULE_CASES = {
     "softmax_axis1": unary("Softmax", axis=1),
     "log_softmax": unary("LogSoftmax", axis=-1),
     "neg": unary("Neg"),
+    "exp": unary("Exp"),
+    "log": positive_unary("Log"),
+    "sqrt": positive_unary("Sqrt"),
+    "slice_columns": slice_case([0, 1], [3, 100], [2, 1]),
+    "slice_negative_indices_opset13": slice_case([-3], [-1], [-1], opset=13),
+    "slice_all_axes_default": slice_case([0, 0, 1, 1], [2**63 - 1, 2, 3, 4], None),
     "clip_relu6": clip(0.0, 0.6),
     "clip_min_only": clip(-0.2, None),
     "pad_constant": pad([0, 0, 1, 2, 0, 0, 3, 0], 17),

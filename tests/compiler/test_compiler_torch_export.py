@@ -71,3 +71,53 @@ def test_torch_export_compiles_and_gradients_match_autograd(make, x_shape, dynam
         np.testing.assert_allclose(grad, expected[name], rtol=1e-6, atol=1e-9, err_msg=name)
     out = GraphRunner(compiled.eval)({"x": x, "y": y, **compiled.initial_params})
     np.testing.assert_allclose(out["loss"], loss.item(), rtol=1e-6)
+
+
+class MobileBlock(torch.nn.Module):
+    """What real exports contain: BatchNorm (folded into Conv by the exporter), ReLU6 (Clip), an
+    overlapping padded MaxPool, a depthwise conv, a residual Add, adaptive pooling, cat + slice, Dropout."""
+
+    def __init__(self):
+        super().__init__()
+        self.c1 = torch.nn.Conv2d(3, 8, 3, padding=1, bias=False)
+        self.bn1 = torch.nn.BatchNorm2d(8)
+        self.pool = torch.nn.MaxPool2d(3, 2, padding=1)
+        self.dw = torch.nn.Conv2d(8, 8, 3, padding=1, groups=8)
+        self.bn2 = torch.nn.BatchNorm2d(8)
+        self.gap = torch.nn.AdaptiveAvgPool2d(1)
+        self.drop = torch.nn.Dropout(0.2)
+        self.fc = torch.nn.Linear(8, 4)
+
+    def forward(self, x):
+        h = self.pool(torch.nn.functional.relu6(self.bn1(self.c1(x))))
+        h = h + torch.nn.functional.leaky_relu(self.bn2(self.dw(h)))
+        h = self.gap(h).flatten(1)
+        h = torch.cat([h, torch.sigmoid(h)], dim=1)[:, 2:10]
+        return self.fc(self.drop(h))
+
+
+@pytest.mark.parametrize("dynamo", [False, True], ids=["torchscript_exporter", "dynamo_exporter"])
+def test_exported_mobile_block_compiles_and_matches_finite_differences_and_autograd(dynamo):
+    from compiler_harness import finite_difference_check
+
+    torch.manual_seed(0)
+    net = MobileBlock()
+    for bn in (net.bn1, net.bn2):
+        bn.running_mean.uniform_(-0.5, 0.5)
+        bn.running_var.uniform_(0.5, 2.0)
+    net.eval()
+    model = export(net, torch.randn(2, 3, 10, 10), dynamo)
+    compiled = compile_graphs(model, loss="cross_entropy", optimizer="sgd", dtype="float64")
+    assert_standard_graph(compiled.train_step)
+    assert_loads_in_onnxruntime(compile_graphs(model, loss="cross_entropy", optimizer="adam").train_step)
+    rng = np.random.default_rng(1)
+    x = rng.standard_normal((4, 3, 10, 10))
+    y = rng.integers(0, 4, 4).astype(np.int64)
+    grads = sgd_gradients(compiled, compiled.initial_params, x, y)
+    finite_difference_check(compiled, x, y, grads, probes=3)
+    # the exporter folds BatchNorm into the convs, so only the head's parameters keep torch's names
+    net = net.double()
+    torch.nn.functional.cross_entropy(net(torch.from_numpy(x)), torch.from_numpy(y)).backward()
+    for name in ("fc.weight", "fc.bias"):
+        np.testing.assert_allclose(grads[name], dict(net.named_parameters())[name].grad.numpy(), rtol=1e-6,
+                                   atol=1e-10)
