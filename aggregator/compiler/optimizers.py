@@ -119,6 +119,25 @@ class UpdateEmitter:
         node.output[0] = out
         return True
 
+    def _prescale_gemm(self, grad: str, factor: float) -> bool:
+        """Multiply the alpha of the Gemm that produced ``grad`` by ``factor`` (saves one pass over the
+        weight). Same conditions as ``_fuse_into_gemm``; alpha is a float32 attribute too."""
+        if self.em.dtype != np.float32 and float(np.float32(factor)) != factor:
+            return False
+        node = self.em.producer(grad)
+        if node is None or node.op_type != "Gemm" or len(node.input) != 2:
+            return False
+        if any(grad in n.input for n in self.em.nodes):
+            return False
+        alpha = 1.0
+        for attr in node.attribute:
+            if attr.name == "alpha":
+                alpha = attr.f
+                node.attribute.remove(attr)
+                break
+        node.attribute.append(onnx.helper.make_attribute("alpha", float(alpha * factor)))
+        return True
+
     def update(self, param: str, grad: str, state: dict[str, str], out_param: str, out_state: dict[str, str]) -> None:
         em, hp = self.em, self.hp
         wd = hp["weight_decay"]
@@ -138,9 +157,13 @@ class UpdateEmitter:
                 decay = em.sub(em.scalar(1.0), em.mul(self.lr, em.scalar(wd)))
                 param = em.mul(param, decay)
             b1, b2 = hp["beta1"], hp["beta2"]
-            m = em.node("Add", [em.mul(state["m"], em.scalar(b1)), em.mul(grad, em.scalar(1.0 - b1))],
-                        outputs=[out_state["m"]])
-            v = em.node("Add", [em.mul(state["v"], em.scalar(b2)), em.mul(em.mul(grad, grad), em.scalar(1.0 - b2))],
+            prescaled = self._prescale_gemm(grad, 1.0 - b1)
+            # with the Gemm emitting (1-b1)*g directly: v gets (1-b2)/(1-b1)^2 * ((1-b1)*g)^2
+            scaled = grad if prescaled else em.mul(grad, em.scalar(1.0 - b1))
+            v_factor = (1.0 - b2) / (1.0 - b1) ** 2 if prescaled else 1.0 - b2
+            square = em.mul(scaled, scaled) if prescaled else em.mul(grad, grad)
+            m = em.node("Add", [em.mul(state["m"], em.scalar(b1)), scaled], outputs=[out_state["m"]])
+            v = em.node("Add", [em.mul(state["v"], em.scalar(b2)), em.mul(square, em.scalar(v_factor))],
                         outputs=[out_state["v"]])
             denom = em.add(em.node("Sqrt", [v]), eps_hat)
             em.node("Sub", [param, em.mul(em.div(m, denom), step_size)], outputs=[out_param])

@@ -136,3 +136,31 @@ def test_three_steps_match_pytorch(optimizer):
         np.testing.assert_allclose(out["loss"], loss.item(), rtol=1e-12)
     for name, tensor in net.state_dict().items():
         np.testing.assert_allclose(params[f"layers.{name}"], tensor.numpy(), rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.parametrize("optimizer", sorted(CASES))
+def test_float32_step_in_onnxruntime_matches_reference(optimizer):
+    """The float32 graphs fold optimiser constants into Gemm's alpha/beta; the result must not change."""
+    compiled = compile_graphs(model_zoo.mlp((6, 5, 3)), loss="cross_entropy", optimizer=optimizer,
+                              optimizer_params={**CASES[optimizer], "weight_decay": 0.0})
+    m = compiled.manifest
+    gemms = [n for n in compiled.train_step.graph.node if n.op_type == "Gemm"]
+    if optimizer in ("adam", "adamw"):  # the weight-gradient Gemm emits (1 - beta1) * g directly
+        alphas = [a.f for n in gemms for a in n.attribute if a.name == "alpha"]
+        assert any(np.isclose(a, 1 - CASES[optimizer]["beta1"]) for a in alphas)
+    else:  # the update accumulates into the parameter (sgd) or velocity (momentum) inside the Gemm
+        accumulators = {p.input for p in m.trainable} | {s_.input for s_ in m.state}
+        assert any(len(n.input) == 3 and n.input[2] in accumulators for n in gemms)
+    x, y = make_batch(compiled, 5, seed=1)
+    state = {k: v.astype(np.float32) for k, v in random_state(compiled, seed=2).items()}
+    out = train_step(compiled, GraphRunner(compiled.train_step), compiled.initial_params, x, y, lr=0.07, step=3,
+                     state=state)
+    _, grads = ref.loss_and_gradients(MLP_LAYERS, compiled.initial_params, x, y, "cross_entropy")
+    for p in m.trainable:
+        own = {s.kind: state[s.input].astype(np.float64) for s in m.state if s.param == p.name}
+        expected, expected_state = ref.optimizer_step(optimizer, m.optimizer_params, compiled.initial_params[p.name],
+                                                      grads[p.name], own, 0.07, 3)
+        np.testing.assert_allclose(out[p.output], expected, rtol=1e-5, atol=1e-6, err_msg=p.name)
+        for s in m.state:
+            if s.param == p.name:
+                np.testing.assert_allclose(out[s.output], expected_state[s.kind], rtol=1e-5, atol=1e-6)
