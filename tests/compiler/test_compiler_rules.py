@@ -18,6 +18,8 @@ from compiler_harness import (
     make_batch,
     sgd_gradients,
 )
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from onnx import TensorProto, helper, numpy_helper
 
 from aggregator.compiler import compile_graphs
@@ -390,3 +392,35 @@ def test_maxpool_gradient_goes_to_the_first_maximum_on_ties_like_pytorch(attrs):
     expected[::2, ::2] = 1.0  # the top-left (first, row-major) element of each 2x2 window
     assert np.count_nonzero(grad) == 4
     np.testing.assert_array_equal(grad != 0, expected != 0)
+
+
+@settings(max_examples=20, deadline=None)
+@given(
+    op=st.sampled_from(["Add", "Sub", "Mul", "Div"]),
+    mask=st.lists(st.booleans(), min_size=3, max_size=3),
+    drop_leading=st.integers(0, 2),
+    swap=st.booleans(),
+)
+def test_broadcast_gradients_sum_back_to_any_operand_shape(op, mask, drop_leading, swap):
+    """For any numpy-broadcastable parameter shape, the parameter's gradient has its shape and is right."""
+    full = [2, 3, 4]
+    shape = [d if keep else 1 for d, keep in zip(full, mask, strict=True)][drop_leading:]
+    t = TinyModel(full)
+    h = t.node("Add", [t.scaled_x([4]), t.param(full, 0.5, 1.0)])
+    b = t.param(shape or [1], 0.5, 1.5)
+    out = t.node(op, [b, h] if swap else [h, b])
+    compiled = compile_for_gradients(t.build(out), "mse")
+    x, y = make_batch(compiled, 2, seed=len(shape))
+    grads = sgd_gradients(compiled, compiled.initial_params, x, y)
+    assert grads[b].shape == tuple(shape or [1])
+    finite_difference_check(compiled, x, y, grads, probes=3)
+
+
+def test_compiling_twice_gives_byte_identical_graphs():
+    from aggregator import model_zoo
+
+    first = compile_graphs(model_zoo.cnn(), loss="cross_entropy", optimizer="adamw")
+    second = compile_graphs(model_zoo.cnn(), loss="cross_entropy", optimizer="adamw")
+    assert first.train_step.SerializeToString() == second.train_step.SerializeToString()
+    assert first.eval.SerializeToString() == second.eval.SerializeToString()
+    assert first.manifest == second.manifest
