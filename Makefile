@@ -25,7 +25,8 @@ bench: install
 	@set -e; for b in benchmarks/*.py; do echo "== $$b"; $(PY) $$b; done
 
 demo: install
-	$(PY) examples/digits_local.py
+	$(PY) examples/digits_local.py --epochs 10
+	$(PY) examples/federated_digits.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .ruff_cache
