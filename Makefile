@@ -21,7 +21,6 @@ lint: install
 	$(VENV)/bin/ruff check .
 
 bench: install
-	$(PY) -m pip install --quiet -e '.[host,dev,bench]'
 	@set -e; for b in benchmarks/*.py; do echo "== $$b"; $(PY) $$b; done
 
 demo: install
