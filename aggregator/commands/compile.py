@@ -34,6 +34,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="L2 penalty added to the gradient (sgd, momentum, adam; default 0) or decoupled decay (adamw; "
              "default 0.01)",
     )
+    parser.add_argument("--output", metavar="NAME",
+                        help="the model output to train when it has several (default: its only float output)")
     parser.add_argument("--dtype", choices=("float32", "float64"), default="float32",
                         help="precision of the compiled graphs (default float32)")
 
@@ -47,7 +49,7 @@ def run(args: argparse.Namespace) -> int:
         raise CompileError(f"--momentum applies to --optimizer momentum, not {args.optimizer}")
     manifest = compile_model(
         args.model, args.out, loss=args.loss, optimizer=args.optimizer, optimizer_params=params,
-        trainable=args.trainable, dtype=args.dtype,
+        trainable=args.trainable, dtype=args.dtype, output=args.output,
     )
     summary = {
         "bundle": str(args.out),

@@ -63,15 +63,18 @@ def compile_model(
     optimizer_params: dict | None = None,
     trainable: Sequence[str] | None = None,
     dtype: str = "float32",
+    output: str | None = None,
 ) -> Manifest:
     """Compile ``model`` into a training bundle in ``out_dir`` and return its manifest.
 
     ``trainable`` lists parameter names or name prefixes to train (None: all); the others are
     frozen into both graphs as constants. ``optimizer_params`` overrides the defaults in
     ``aggregator.compiler.optimizers.DEFAULTS`` (momentum, beta1, beta2, eps, weight_decay).
+    ``output`` names the model output to train when it has several (default: its only float output).
     """
     compiled = compile_graphs(
-        model, loss=loss, optimizer=optimizer, optimizer_params=optimizer_params, trainable=trainable, dtype=dtype
+        model, loss=loss, optimizer=optimizer, optimizer_params=optimizer_params, trainable=trainable, dtype=dtype,
+        output=output,
     )
     return write_bundle(
         Path(out_dir),
@@ -115,12 +118,13 @@ def compile_graphs(
     optimizer_params: dict | None = None,
     trainable: Sequence[str] | None = None,
     dtype: str = "float32",
+    output: str | None = None,
 ) -> CompiledGraphs:
     """Build and check both graphs and the manifest without writing anything."""
     if loss not in LOSSES:
         raise CompileError(f"loss must be one of {LOSSES}, got {loss!r}")
     hp = resolve_hyperparameters(optimizer, optimizer_params)
-    prep = prepare_model(model, dtype)
+    prep = prepare_model(model, dtype, output=output, strip_softmax=loss == "cross_entropy")
     train_names = select_trainable(prep, trainable)
     np_dtype = np.dtype(dtype)
     onnx_dtype = FLOAT_TYPES[dtype]

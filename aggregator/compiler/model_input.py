@@ -114,8 +114,14 @@ def _convert_dtype(model: onnx.ModelProto, target: int) -> None:
     del graph.value_info[:]
 
 
-def prepare_model(model: onnx.ModelProto | str | Path, dtype: str) -> PreparedModel:
-    """Load, validate and normalise ``model`` (see module docstring)."""
+def prepare_model(
+    model: onnx.ModelProto | str | Path, dtype: str, output: str | None = None, strip_softmax: bool = False
+) -> PreparedModel:
+    """Load, validate and normalise ``model`` (see module docstring).
+
+    ``output`` picks one of several model outputs (see ``select_output``); ``strip_softmax`` trains
+    on the logits under a trailing Softmax, for cross-entropy (see ``strip_trailing_softmax``).
+    """
     if dtype not in FLOAT_TYPES:
         raise CompileError(f"dtype must be one of {sorted(FLOAT_TYPES)}, got {dtype!r}")
     proto, source = load_model(model)
@@ -124,6 +130,9 @@ def prepare_model(model: onnx.ModelProto | str | Path, dtype: str) -> PreparedMo
         onnx.checker.check_model(proto)
     except onnx.checker.ValidationError as exc:
         raise CompileError(f"{source} is not a valid ONNX model: {str(exc).splitlines()[0]}") from exc
+    select_output(proto.graph, output, source)
+    if strip_softmax:
+        strip_trailing_softmax(proto, source)
     opset = _check_opset(proto, source)
     target = FLOAT_TYPES[dtype]
     _convert_dtype(proto, target)
@@ -140,8 +149,6 @@ def prepare_model(model: onnx.ModelProto | str | Path, dtype: str) -> PreparedMo
             f"{source} has {len(real_inputs)} data inputs ({[v.name for v in real_inputs]}); the compiler "
             "needs exactly one (the batch x)"
         )
-    if len(graph.output) != 1:
-        raise CompileError(f"{source} has {len(graph.output)} outputs; the compiler needs exactly one")
     x = real_inputs[0]
     if x.type.tensor_type.elem_type != target:
         raise CompileError(f"model input {x.name!r} is not a float tensor")
@@ -197,6 +204,83 @@ def prepare_model(model: onnx.ModelProto | str | Path, dtype: str) -> PreparedMo
 
 
 RESERVED_NAMES = ("x", "y", "lr", "step", "loss", "output")
+
+
+def select_output(graph: onnx.GraphProto, output: str | None, source: str) -> None:
+    """Keep one model output and only the nodes and initializers it needs, in place.
+
+    Classifier exports often carry a second output: skl2onnx adds an int64 ``label`` computed with
+    ai.onnx.ml ops that plain onnxruntime on a device need not run. Without ``output``, the one float
+    output is chosen when there is exactly one.
+    """
+    names = [v.name for v in graph.output]
+    if output is not None:
+        if output not in names:
+            raise CompileError(f"--output {output!r} is not an output of {source}; its outputs are {names}")
+        chosen = output
+    elif len(names) == 1:
+        chosen = names[0]
+    else:
+        floats = [v.name for v in graph.output if v.type.tensor_type.elem_type in FLOAT_TYPES.values()]
+        if len(floats) != 1:
+            raise CompileError(
+                f"{source} has {len(names)} outputs {names}; choose the one to train with --output NAME"
+            )
+        chosen = floats[0]
+        log.info("%s: training output %r (the only float output of %s)", source, chosen, names)
+    if len(names) > 1:
+        keep = [v for v in graph.output if v.name == chosen]
+        del graph.output[:]
+        graph.output.extend(keep)
+        _prune_unused(graph)
+
+
+def strip_trailing_softmax(model: onnx.ModelProto, source: str) -> None:
+    """Train cross-entropy on the logits when the model's output is Softmax(logits), in place.
+
+    Cross-entropy is defined on logits; applied to probabilities it would softmax twice and train
+    badly. Exporters of classifiers (skl2onnx, Keras heads) end in Softmax, possibly followed by
+    Identity, so the output is rewired to the Softmax's input. Predictions (argmax) are unchanged.
+    A trailing LogSoftmax is kept: log-softmax is idempotent, so cross-entropy on it is exact.
+    """
+    graph = model.graph
+    producer = {out: node for node in graph.node for out in node.output}
+    name = graph.output[0].name
+    node = producer.get(name)
+    while node is not None and node.op_type == "Identity":
+        node = producer.get(node.input[0])
+    if node is None or node.op_type != "Softmax":
+        return
+    axis = next((a.i for a in node.attribute if a.name == "axis"), -1)
+    if axis != -1:
+        inferred = onnx.shape_inference.infer_shapes(model)
+        ranks = {v.name: len(v.type.tensor_type.shape.dim) for v in
+                 list(inferred.graph.value_info) + list(inferred.graph.input) + list(inferred.graph.output)}
+        if ranks.get(node.input[0]) != axis + 1:
+            return  # a Softmax over a non-class axis is part of the model, not its head
+    logits = node.input[0]
+    elem_type = graph.output[0].type.tensor_type.elem_type
+    del graph.output[:]
+    graph.output.append(onnx.helper.make_tensor_value_info(logits, elem_type, None))
+    _prune_unused(graph)
+    log.info("%s ends in Softmax: cross-entropy trains its input %r (the logits)", source, logits)
+
+
+def _prune_unused(graph: onnx.GraphProto) -> None:
+    """Drop nodes, initializers and inputs that no graph output depends on."""
+    needed = {v.name for v in graph.output}
+    kept = []
+    for node in reversed(graph.node):
+        if any(out in needed for out in node.output):
+            kept.append(node)
+            needed.update(node.input)
+    kept.reverse()
+    del graph.node[:]
+    graph.node.extend(kept)
+    for field in (graph.initializer, graph.input):
+        keep = [item for item in field if item.name in needed]
+        del field[:]
+        field.extend(keep)
 
 
 def _free_reserved_names(graph: onnx.GraphProto, keep: set[str], taken: set[str]) -> None:
