@@ -150,3 +150,17 @@ def test_mlp_learns_digits_to_ninety_percent(session, digits):
 def test_invalid_training_config_is_a_config_error(kwargs, message):
     with pytest.raises(ConfigError, match=message):
         TrainConfig(**kwargs)
+
+
+@pytest.mark.parametrize(("optimizer", "lr"), [("adam", 0.01), ("momentum", 0.05)])
+def test_mlp_reaches_ninety_percent_on_digits_in_three_epochs(tmp_path, digits, optimizer, lr):
+    from aggregator import model_zoo
+    from aggregator.compiler import compile_model
+
+    compile_model(model_zoo.mlp((64, 64, 10), seed=0), tmp_path, loss="cross_entropy", optimizer=optimizer)
+    session = ModelSession.open(tmp_path)
+    x_train, y_train, x_test, y_test = digits
+    state = TrainingState(session)
+    train_local(state, prepare_dataset(session.manifest, x_train, y_train),
+                TrainConfig(epochs=3, batch_size=32, lr=lr, seed=0))
+    assert evaluate(state, prepare_dataset(session.manifest, x_test, y_test)).accuracy >= 0.90
