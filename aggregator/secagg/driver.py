@@ -9,6 +9,7 @@ Hooks may rewrite or suppress any message in flight; this is how tests play a ma
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections import deque
 from collections.abc import Callable, Iterable, Mapping
@@ -20,6 +21,7 @@ from aggregator.secagg.server import ServerConfig, ServerState, handle_server, s
 from edge_sdk.secagg import codec
 from edge_sdk.secagg.client import ClientConfig, ClientState, handle_client, start_client, tick_client
 from edge_sdk.secagg.keys import IdentityKey
+from edge_sdk.secagg.membership import Directory
 from edge_sdk.secagg.messages import (
     AdvertiseKeys,
     ConsistencyCheck,
@@ -67,17 +69,13 @@ class Fleet:
     def enrol(cls, device_ids: Iterable[str]) -> Fleet:
         return cls(IdentityKey.generate(), {d: IdentityKey.generate() for d in device_ids})
 
-    @property
-    def enrolled(self) -> dict[str, bytes]:
-        return {d: k.public for d, k in self.identities.items()}
+    @functools.cached_property
+    def enrolled(self) -> Directory:
+        return Directory({d: k.public for d, k in self.identities.items()})
 
-    def client_config(
-        self, device_id: str, stage_timeout: float = 60.0, verify_every_advert: bool = True,
-        enrolled: Mapping[str, bytes] | None = None,
-    ) -> ClientConfig:
-        return ClientConfig(device_id, self.identities[device_id], self.server_identity.public,
-                            self.enrolled if enrolled is None else enrolled, stage_timeout=stage_timeout,
-                            verify_every_advert=verify_every_advert)
+    def client_config(self, device_id: str, stage_timeout: float = 60.0) -> ClientConfig:
+        return ClientConfig(device_id, self.identities[device_id], self.server_identity.public, self.enrolled,
+                            stage_timeout=stage_timeout)
 
 
 @dataclass
@@ -112,18 +110,12 @@ def run_session(
     uplink_hook: Hook | None = None,
     downlink_hook: Hook | None = None,
     client_timeout: float = 600.0,
-    verify_every_advert: bool = True,
 ) -> SessionOutcome:
     """Run one round over the devices in ``inputs`` and return its outcome."""
     drop_at = {stage: set(ids) for stage, ids in (drop_at or {}).items()}
     now = 0.0
     server, out = start_server(config, tuple(inputs), round_index, now)
-    enrolled = fleet.enrolled
-    clients = {
-        d: start_client(fleet.client_config(d, client_timeout, verify_every_advert, enrolled), inputs[d], now,
-                        round_index)
-        for d in inputs
-    }
+    clients = {d: start_client(fleet.client_config(d, client_timeout), inputs[d], now, round_index) for d in inputs}
     silent: set[str] = set()
     outcome = SessionOutcome(server, clients, {d: 0 for d in inputs}, {d: 0 for d in inputs},
                              {d: 0 for d in inputs})

@@ -34,11 +34,13 @@ from edge_sdk.secagg.errors import (
 )
 from edge_sdk.secagg.graph import neighbour_graph
 from edge_sdk.secagg.keys import AgreementKey, IdentityKey
+from edge_sdk.secagg.membership import Directory, to_bitmap
 from edge_sdk.secagg.messages import (
     Abort,
     AdvertiseKeys,
     ConsistencyCheck,
     MaskedInput,
+    NeighbourKey,
     Roster,
     RoundStart,
     ShareKeys,
@@ -70,7 +72,7 @@ class ServerConfig:
     """Round-independent settings of the aggregator's SecAgg+ role."""
 
     identity: IdentityKey
-    enrolled: Mapping[str, bytes]  # device id -> Ed25519 identity public key
+    enrolled: Mapping[str, bytes]  # device id -> Ed25519 identity public key: a Directory
     bits: int
     vector_length: int
     dropout_fraction: float = 0.05
@@ -78,6 +80,9 @@ class ServerConfig:
     degree: int | None = None  # explicit (k, t) for small or test cohorts; else the finder chooses
     threshold: int | None = None
     stage_timeout: float = 60.0
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "enrolled", Directory.of(self.enrolled))
 
     def parameters(self, n: int) -> SecAggParameters:
         if self.degree is None and self.threshold is None:
@@ -110,7 +115,7 @@ class ServerState:
     stage: Stage = Stage.ADVERTISE_KEYS
     deadline: float = 0.0
     adverts: Mapping[str, AdvertiseKeys] = field(default_factory=dict)
-    roster: Roster | None = None
+    members: tuple[str, ...] = ()  # U1, sorted: the roster
     session_id: bytes = bytes(32)
     params: SecAggParameters | None = None
     index: Mapping[str, int] = field(default_factory=dict)
@@ -192,7 +197,7 @@ def _sender_of(message: object) -> str:
 def _awaited(state: ServerState) -> set[str]:
     expected = {
         Stage.ADVERTISE_KEYS: state.cohort,
-        Stage.SHARE_KEYS: state.roster.members if state.roster else (),
+        Stage.SHARE_KEYS: state.members,
         Stage.MASKED_INPUT: state.u2,
         Stage.CONSISTENCY_CHECK: state.u3,
         Stage.UNMASK: state.u4,
@@ -232,7 +237,7 @@ def _type_check(state: ServerState, message: object, expected: type) -> None:
 def _abort(state: ServerState, reason: str) -> tuple[ServerState, Outgoing]:
     log.error("round %d aborted: %s", state.round_index, reason)
     notice = codec.sign(Abort(state.session_id, state.round_index, reason), state.config.identity)
-    recipients = state.roster.members if state.roster else state.cohort
+    recipients = state.members or state.cohort
     new = replace(state, stage=Stage.ABORTED, abort_reason=reason, result=None)
     return new, [(d, notice) for d in recipients]
 
@@ -271,7 +276,7 @@ def _on_advertise(state: ServerState, message: object) -> ServerState:
 def _on_share_keys(state: ServerState, message: object) -> ServerState:
     _type_check(state, message, ShareKeys)
     sender = message.sender
-    _check_device_message(state, message, sender, state.roster.members)
+    _check_device_message(state, message, sender, state.members)
     if sender in state.share_keys:
         raise StaleMessageError(f"duplicate ShareKeys from {sender!r}")
     receivers = [s.receiver for s in message.shares]
@@ -348,15 +353,20 @@ def _close_advertise(state: ServerState, now: float) -> tuple[ServerState, Outgo
     if n < params.threshold:
         return _abort(replace(state, params=params), f"only {n} devices advertised keys, below the threshold "
                                                      f"t={params.threshold}")
-    ordered = tuple(adverts[d] for d in sorted(adverts))
-    roster = codec.sign(Roster(state.round_index, state.round_nonce, state.config.bits, state.config.vector_length,
-                               params.degree, params.threshold, ordered), state.config.identity)
-    session_id = codec.session_id_of(roster)
-    members = roster.members
-    new = replace(state, stage=Stage.SHARE_KEYS, roster=roster, session_id=session_id, params=params,
-                  index={d: i + 1 for i, d in enumerate(members)},
-                  graph=neighbour_graph(members, params.degree, session_id), deadline=now + state.config.stage_timeout)
-    return new, [(d, roster) for d in members]
+    members = tuple(sorted(adverts))
+    directory = state.config.enrolled
+    shared = Roster("", state.round_index, state.round_nonce, state.config.bits, state.config.vector_length,
+                    params.degree, params.threshold, directory.digest, to_bitmap(directory.order, members), ())
+    session_id = codec.session_id_of(shared)
+    graph = neighbour_graph(members, params.degree, session_id)
+    out = []
+    for d in members:
+        keys = tuple(NeighbourKey(v, adverts[v].c_public, adverts[v].s_public, adverts[v].signature) for v in graph[d])
+        out.append((d, codec.sign(replace(shared, receiver=d, neighbours=keys), state.config.identity)))
+    new = replace(state, stage=Stage.SHARE_KEYS, members=members, session_id=session_id, params=params,
+                  index={d: i + 1 for i, d in enumerate(members)}, graph=graph,
+                  deadline=now + state.config.stage_timeout)
+    return new, out
 
 
 def _close_share_keys(state: ServerState, now: float) -> tuple[ServerState, Outgoing]:
@@ -375,12 +385,22 @@ def _close_share_keys(state: ServerState, now: float) -> tuple[ServerState, Outg
 
 
 def _close_masked_input(state: ServerState, now: float) -> tuple[ServerState, Outgoing]:
-    u3 = tuple(sorted(d for d in state.masked if d not in state.offenders and d not in state.accused))
+    submitted = {d for d in state.masked if d not in state.offenders and d not in state.accused}
+    # A device none of whose neighbours submitted input holds the only share of its own self-mask
+    # that can still be asked for (t >= 2), so its input could never be unmasked. It shares no mask
+    # with any other submitter (the graph is symmetric), so leaving it out costs nothing else.
+    isolated = {d for d in submitted if not set(state.graph[d]) & submitted}
+    if isolated and len(submitted) > len(isolated):
+        log.warning("round %d: leaving out %s: none of their neighbours submitted input, so their self-masks "
+                    "cannot be rebuilt", state.round_index, sorted(isolated))
+        submitted -= isolated
+    u3 = tuple(sorted(submitted))
     reason = _below_threshold(state, u3, "submitted a masked input")
     if reason:
         return _abort(replace(state, u3=u3), reason)
     digest = survivors_digest(state.session_id, state.round_index, u3)
-    out = [(u, codec.sign(SurvivorSet(u, state.session_id, state.round_index, u3), state.config.identity))
+    bitmap = to_bitmap(state.members, u3)
+    out = [(u, codec.sign(SurvivorSet(u, state.session_id, state.round_index, bitmap), state.config.identity))
            for u in u3]
     new = replace(state, stage=Stage.CONSISTENCY_CHECK, u3=u3, digest=digest,
                   deadline=now + state.config.stage_timeout)
@@ -396,11 +416,12 @@ def _close_consistency(state: ServerState, now: float) -> tuple[ServerState, Out
     # downlink grow with n.
     signatures = tuple((d, state.consistency[d]) for d in u4[: state.threshold])
     u3, dropped = set(state.u3), set(state.u2) - set(state.u3)
+    bitmap = to_bitmap(state.members, state.u3)
     requests = {}
     for u in u4:
         neighbours = set(state.graph[u])
         requests[u] = codec.sign(
-            UnmaskRequest(u, state.session_id, state.round_index, state.u3, signatures,
+            UnmaskRequest(u, state.session_id, state.round_index, bitmap, signatures,
                           tuple(sorted((neighbours | {u}) & u3)), tuple(sorted(neighbours & dropped))),
             state.config.identity)
     new = replace(state, stage=Stage.UNMASK, u4=u4, requests=requests, deadline=now + state.config.stage_timeout)
@@ -424,7 +445,7 @@ def _close_unmask(state: ServerState, now: float) -> tuple[ServerState, Outgoing
     inputs = UnmaskInputs(
         session_id=state.session_id, round_index=state.round_index, bits=state.config.bits,
         threshold=state.threshold, index=state.index,
-        s_public={a.device_id: a.s_public for a in state.roster.adverts}, neighbours=state.graph,
+        s_public={d: state.adverts[d].s_public for d in state.members}, neighbours=state.graph,
         masked={u: state.masked[u] for u in state.u3}, dropped=set(state.u2) - set(state.u3),
         self_mask_shares=b_shares, mask_key_shares=s_shares)
     try:

@@ -38,12 +38,14 @@ from edge_sdk.secagg.errors import (
 from edge_sdk.secagg.graph import neighbour_graph
 from edge_sdk.secagg.keys import AgreementKey, IdentityKey
 from edge_sdk.secagg.masking import MaskPeer, mask_vector
+from edge_sdk.secagg.membership import Directory, from_bitmap
 from edge_sdk.secagg.messages import (
     Abort,
     AdvertiseKeys,
     ConsistencyCheck,
     EncryptedShare,
     MaskedInput,
+    NeighbourKey,
     Roster,
     RoundStart,
     ShareKeys,
@@ -69,18 +71,17 @@ class ClientConfig:
     device_id: str
     identity: IdentityKey
     server_public: bytes
-    enrolled: Mapping[str, bytes]  # device id -> Ed25519 identity public key (from enrolment)
+    enrolled: Mapping[str, bytes]  # device id -> Ed25519 identity public key (from enrolment): a Directory
     stage_timeout: float = 60.0
     min_threshold: int = 2  # refuse a roster whose Shamir threshold is lower
-    # True: check every advert in the roster (n signatures). False: check only the adverts this
-    # device uses (its neighbours' and its own, k + 1 signatures); every key in use is still
-    # checked by each device that uses it. The simulator runs thousands of devices in one process.
-    verify_every_advert: bool = True
     # Against an active server that shows different survivor sets to two disjoint groups of a
     # device's share holders (one group reveals b_u, the other s_u), t must be a strict majority
     # of the k + 1 holders: then two such groups cannot both reach t. Off by default: the
     # reference (k, t) points assume an honest-but-curious server (t = k/2 at n = 100).
     require_majority_threshold: bool = False
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "enrolled", Directory.of(self.enrolled))
 
 
 @dataclass(frozen=True, eq=False)
@@ -99,8 +100,10 @@ class ClientState:
     self_seed: bytes | None = None
     roster: Roster | None = None
     session_id: bytes = b""
+    members: tuple[str, ...] = ()  # the roster's members, sorted: survivor bitmaps number these
     index: Mapping[str, int] = field(default_factory=dict)  # 1-based roster positions = Shamir x
     neighbours: tuple[str, ...] = ()
+    neighbour_keys: Mapping[str, NeighbourKey] = field(default_factory=dict)
     share_senders: tuple[str, ...] = ()  # neighbours in U2 (their shares were relayed to us)
     held_shares: Mapping[str, SharePlaintext] = field(default_factory=dict)
     rejected: tuple[str, ...] = ()
@@ -227,10 +230,18 @@ def _on_roster(state: ClientState, roster: Roster, now: float) -> tuple[ClientSt
     codec.verify(roster, state.config.server_public, "the aggregator")
     if roster.round_index != state.round_index or roster.round_nonce != state.round_nonce:
         raise ReplayError(f"roster is for round {roster.round_index}, not {state.round_index}")
-    members = roster.members
+    if roster.receiver != me:
+        raise ReplayError(f"roster is addressed to {roster.receiver!r}")
+    directory = state.config.enrolled
+    if roster.directory_digest != directory.digest:
+        raise SecAggConfigError(
+            "the aggregator numbers the roster over a different enrolment directory than this device's "
+            f"({len(state.config.enrolled)} devices here); update the device's directory to take part"
+        )
+    members = from_bitmap(directory.order, roster.members, "roster members")
     n = len(members)
-    if list(members) != sorted(set(members)):
-        raise ProtocolViolationError("roster members are not unique and sorted by device id")
+    if me not in members or n < 2:
+        raise ProtocolViolationError(f"roster of {n} devices does not include this device with another")
     if roster.bits != state.bits or roster.vector_length != state.input_vector.size:
         raise ProtocolViolationError("roster changes the bits or vector length announced at round start")
     complete = roster.degree == n - 1
@@ -245,24 +256,15 @@ def _on_roster(state: ClientState, roster: Roster, now: float) -> tuple[ClientSt
             f"roster threshold t={roster.threshold} is not a strict majority of the k+1={roster.degree + 1} "
             "share holders, which this device requires against an active server"
         )
-    unknown = [m for m in members if m not in state.config.enrolled]
-    if unknown:
-        raise ProtocolViolationError(f"roster lists devices that are not enrolled: {unknown[:5]}")
-    mine = [a for a in roster.adverts if a.device_id == me]
-    if not mine or mine[0].c_public != state.c_key.public or mine[0].s_public != state.s_key.public:
-        raise ProtocolViolationError("roster omits or alters this device's own advertised keys")
     session_id = codec.session_id_of(roster)
     index = {member: i + 1 for i, member in enumerate(members)}
     neighbours = neighbour_graph(members, roster.degree, session_id)[me]
-    checked = set(members) if state.config.verify_every_advert else {*neighbours, me}
-    for advert in roster.adverts:
-        if advert.device_id not in checked:
-            continue
-        if advert.round_index != roster.round_index or advert.round_nonce != roster.round_nonce:
-            raise ProtocolViolationError(f"advert of {advert.device_id!r} is from another round (replayed)")
-        codec.verify(advert, state.config.enrolled[advert.device_id],
-                     f"device {advert.device_id!r} (advert in roster)")
-    adverts = {a.device_id: a for a in roster.adverts}
+    keys = {key.device_id: key for key in roster.neighbours}
+    if tuple(key.device_id for key in roster.neighbours) != neighbours:
+        raise ProtocolViolationError("roster does not carry exactly one advert per neighbour, in id order")
+    for v, key in keys.items():
+        codec.verify(key.advert(roster.round_index, roster.round_nonce), state.config.enrolled[v],
+                     f"device {v!r} (advert in roster)")
     # Shares go to every neighbour and to the device itself (as in Bonawitz et al.): a survivor
     # can then vouch for its own self-mask, so t survivors of a complete graph are enough.
     xs = [index[v] for v in neighbours] + [index[me]]
@@ -272,13 +274,14 @@ def _on_roster(state: ClientState, roster: Roster, now: float) -> tuple[ClientSt
     shares = []
     for v in neighbours:
         plaintext = codec.body_bytes(SharePlaintext(encode_share(b_shares[index[v]]), encode_share(s_shares[index[v]])))
-        key = share_encryption_key(state.c_key.exchange(adverts[v].c_public), session_id)
+        key = share_encryption_key(state.c_key.exchange(keys[v].c_public), session_id)
         aad = associated_data(session_id, roster.round_index, me, v, Stage.SHARE_KEYS)
         nonce, ciphertext = encrypt_share(key, plaintext, aad)
         shares.append(EncryptedShare(me, v, nonce, ciphertext))
     out = _sign(state, ShareKeys(me, session_id, roster.round_index, tuple(shares)))
-    new = replace(state, stage=Stage.SHARE_KEYS, roster=roster, session_id=session_id, index=index,
-                  neighbours=neighbours, held_shares={me: own_share}, deadline=now + state.config.stage_timeout)
+    new = replace(state, stage=Stage.SHARE_KEYS, roster=roster, session_id=session_id, members=members, index=index,
+                  neighbours=neighbours, neighbour_keys=keys, held_shares={me: own_share},
+                  deadline=now + state.config.stage_timeout)
     return new, [out]
 
 
@@ -287,7 +290,7 @@ def _share_keys(state: ClientState, message: object, now: float) -> tuple[Client
         raise _unexpected(state, message)
     _check_server_message(state, message)
     me = state.config.device_id
-    adverts = {a.device_id: a for a in state.roster.adverts}
+    adverts = state.neighbour_keys
     senders: list[str] = []
     held: dict[str, SharePlaintext] = {me: state.held_shares[me]}
     rejected: list[str] = []
@@ -323,21 +326,21 @@ def _masked_input(state: ClientState, message: object, now: float) -> tuple[Clie
     if not isinstance(message, SurvivorSet):
         raise _unexpected(state, message)
     _check_server_message(state, message)
-    _check_survivors(state, message.survivors)
-    digest = survivors_digest(state.session_id, state.round_index, message.survivors)
+    survivors = _survivors(state, message.survivors)
+    digest = survivors_digest(state.session_id, state.round_index, survivors)
     out = _sign(state, ConsistencyCheck(state.config.device_id, state.session_id, state.round_index, digest))
     new = replace(state, stage=Stage.CONSISTENCY_CHECK, survivors_digest=digest,
                   deadline=now + state.config.stage_timeout)
     return new, [out]
 
 
-def _check_survivors(state: ClientState, survivors: tuple[str, ...]) -> None:
-    if len(set(survivors)) != len(survivors) or not set(survivors) <= set(state.index):
-        raise ProtocolViolationError("survivor set repeats devices or names devices outside the roster")
+def _survivors(state: ClientState, bitmap: bytes) -> tuple[str, ...]:
+    survivors = from_bitmap(state.members, bitmap, "survivor set")
     if len(survivors) < state.roster.threshold:
         raise ProtocolViolationError(
             f"survivor set has {len(survivors)} devices, below the threshold t={state.roster.threshold}"
         )
+    return survivors
 
 
 def _consistency_check(state: ClientState, message: object, now: float) -> tuple[ClientState, Outgoing]:
@@ -345,11 +348,10 @@ def _consistency_check(state: ClientState, message: object, now: float) -> tuple
         raise _unexpected(state, message)
     _check_server_message(state, message)
     me = state.config.device_id
-    survivors = set(message.survivors)
-    digest = survivors_digest(state.session_id, state.round_index, message.survivors)
+    survivors = set(_survivors(state, message.survivors))
+    digest = survivors_digest(state.session_id, state.round_index, tuple(survivors))
     if digest != state.survivors_digest:
         raise ConsistencyError("the unmask request names a different survivor set than the one this device signed")
-    _check_survivors(state, message.survivors)
     signers = [signer for signer, _ in message.consistency]
     if len(set(signers)) != len(signers) or not set(signers) <= survivors:
         raise ConsistencyError("consistency signatures repeat signers or come from outside the survivor set")

@@ -27,7 +27,8 @@ from edge_sdk.secagg.share_cipher import NONCE_BYTES
 SIGNING_DOMAIN = b"fleetlearn/secagg/v1/signed\x00"
 MAX_ID_BYTES = 128
 MAX_REASON_BYTES = 1024
-MAX_ITEMS = 1 << 17  # roster members, shares, survivors
+MAX_ITEMS = 1 << 17  # shares, neighbours, ids
+MAX_BITMAP_BYTES = MAX_ITEMS // 8  # member and survivor bitmaps: up to MAX_ITEMS devices
 MAX_CIPHERTEXT_BYTES = 1024
 MAX_VECTOR_LENGTH = 1 << 28
 
@@ -169,20 +170,20 @@ def _shares_r(r: _Reader, name: str) -> tuple[m.EncryptedShare, ...]:
     )
 
 
-def _adverts_w(w: _Writer, v: tuple[m.AdvertiseKeys, ...], name: str) -> None:
+def _neighbours_w(w: _Writer, v: tuple[m.NeighbourKey, ...], name: str) -> None:
     w.count(len(v), name)
-    for advert in v:
-        w.blob(encode(advert), 1024, name)
+    for key in v:
+        _id_w(w, key.device_id, name)
+        w.fixed(key.c_public, 32, name)
+        w.fixed(key.s_public, 32, name)
+        w.fixed(key.signature, SIGNATURE_BYTES, name)
 
 
-def _adverts_r(r: _Reader, name: str) -> tuple[m.AdvertiseKeys, ...]:
-    out = []
-    for _ in range(r.count(name, 4)):
-        advert = decode(r.blob(1024, name))
-        if not isinstance(advert, m.AdvertiseKeys):
-            raise MessageFormatError(f"field {name} holds a {type(advert).__name__}, expected AdvertiseKeys")
-        out.append(advert)
-    return tuple(out)
+def _neighbours_r(r: _Reader, name: str) -> tuple[m.NeighbourKey, ...]:
+    return tuple(
+        m.NeighbourKey(_id_r(r, name), r.fixed(32, name), r.fixed(32, name), r.fixed(SIGNATURE_BYTES, name))
+        for _ in range(r.count(name, 3 + 64 + SIGNATURE_BYTES))
+    )
 
 
 def _vector_w(w: _Writer, v: np.ndarray, name: str) -> None:
@@ -211,24 +212,28 @@ _U64 = (lambda w, v, name: w.u64(v), lambda r, name: r.u64(name))
 _ID = (_id_w, _id_r)
 _IDS = (_ids_w, _ids_r)
 _B32 = _fixed(32)
+_BITMAP = (lambda w, v, name: w.blob(v, MAX_BITMAP_BYTES, name), lambda r, name: r.blob(MAX_BITMAP_BYTES, name))
 _REASON = (lambda w, v, name: w.text(v, MAX_REASON_BYTES, name), lambda r, name: r.text(MAX_REASON_BYTES, name))
+
+# The roster fields every member receives alike: what the session id hashes.
+_ROSTER_SHARED = (("round_index", _U64), ("round_nonce", _B32), ("bits", _U8), ("vector_length", _U32),
+                  ("degree", _U32), ("threshold", _U32), ("directory_digest", _B32), ("members", _BITMAP))
 
 _SCHEMAS: dict[type, tuple[int, tuple[tuple[str, Any], ...]]] = {
     m.RoundStart: (1, (("round_index", _U64), ("round_nonce", _B32), ("bits", _U8), ("vector_length", _U32))),
     m.AdvertiseKeys: (2, (("device_id", _ID), ("round_index", _U64), ("round_nonce", _B32),
                           ("c_public", _B32), ("s_public", _B32))),
-    m.Roster: (3, (("round_index", _U64), ("round_nonce", _B32), ("bits", _U8), ("vector_length", _U32),
-                   ("degree", _U32), ("threshold", _U32), ("adverts", (_adverts_w, _adverts_r)))),
+    m.Roster: (3, (("receiver", _ID), *_ROSTER_SHARED, ("neighbours", (_neighbours_w, _neighbours_r)))),
     m.ShareKeys: (4, (("sender", _ID), ("session_id", _B32), ("round_index", _U64),
                       ("shares", (_shares_w, _shares_r)))),
     m.ShareRelay: (5, (("receiver", _ID), ("session_id", _B32), ("round_index", _U64),
                        ("shares", (_shares_w, _shares_r)))),
     m.MaskedInput: (6, (("sender", _ID), ("session_id", _B32), ("round_index", _U64), ("rejected", _IDS),
                         ("masked", (_vector_w, _vector_r)))),
-    m.SurvivorSet: (7, (("receiver", _ID), ("session_id", _B32), ("round_index", _U64), ("survivors", _IDS))),
+    m.SurvivorSet: (7, (("receiver", _ID), ("session_id", _B32), ("round_index", _U64), ("survivors", _BITMAP))),
     m.ConsistencyCheck: (8, (("sender", _ID), ("session_id", _B32), ("round_index", _U64),
                              ("survivors_digest", _B32))),
-    m.UnmaskRequest: (9, (("receiver", _ID), ("session_id", _B32), ("round_index", _U64), ("survivors", _IDS),
+    m.UnmaskRequest: (9, (("receiver", _ID), ("session_id", _B32), ("round_index", _U64), ("survivors", _BITMAP),
                           ("consistency", (_pairs_w(SIGNATURE_BYTES), _pairs_r(SIGNATURE_BYTES))),
                           ("self_mask_owners", _IDS), ("mask_key_owners", _IDS))),
     m.UnmaskShares: (10, (("sender", _ID), ("session_id", _B32), ("round_index", _U64),
@@ -305,5 +310,12 @@ def verify(message: Any, public_key: bytes, who: str) -> None:
 
 
 def session_id_of(roster: m.Roster) -> bytes:
-    """SHA-256 over the signed roster: parameters and every signed advert, in order."""
-    return hashlib.sha256(b"fleetlearn/secagg/v1/session|" + body_bytes(roster)).digest()
+    """SHA-256 over the roster fields every member shares: round, nonce, parameters, directory, members.
+
+    The neighbours' adverts are not in it (each member sees only its own neighbours'); each advert is
+    signed by its device over this round's nonce, so the server cannot swap keys without detection.
+    """
+    w = _Writer()
+    for name, (write, _read) in _ROSTER_SHARED:
+        write(w, getattr(roster, name), name)
+    return hashlib.sha256(b"fleetlearn/secagg/v1/session|" + w.bytes()).digest()

@@ -52,21 +52,39 @@ class AdvertiseKeys:
 
 
 @dataclass(frozen=True)
-class Roster:
-    """Server -> devices: every signed advert plus the parameters; its hash is the session id."""
+class NeighbourKey:
+    """A neighbour's signed advert inside a roster; its round and nonce are the roster's own."""
 
+    device_id: str
+    c_public: bytes
+    s_public: bytes
+    signature: bytes
+
+    def advert(self, round_index: int, round_nonce: bytes) -> AdvertiseKeys:
+        """The AdvertiseKeys message the signature was made over."""
+        return AdvertiseKeys(self.device_id, round_index, round_nonce, self.c_public, self.s_public, self.signature)
+
+
+@dataclass(frozen=True)
+class Roster:
+    """Server -> one member: who is in the round, its parameters, and the keys of that member's neighbours.
+
+    ``members`` is a bitmap over the enrolment directory (see ``membership``), and only the k
+    neighbours' adverts travel, so the roster costs O(k + n/8) bytes, not O(n) adverts. Everything
+    but ``receiver`` and ``neighbours`` is the same for every member and hashes to the session id.
+    """
+
+    receiver: str
     round_index: int
     round_nonce: bytes
     bits: int
     vector_length: int
     degree: int
     threshold: int
-    adverts: tuple[AdvertiseKeys, ...]
+    directory_digest: bytes
+    members: bytes
+    neighbours: tuple[NeighbourKey, ...]
     signature: bytes = b""
-
-    @property
-    def members(self) -> tuple[str, ...]:
-        return tuple(a.device_id for a in self.adverts)
 
 
 @dataclass(frozen=True)
@@ -129,12 +147,12 @@ class MaskedInput:
 
 @dataclass(frozen=True)
 class SurvivorSet:
-    """Server -> device: the devices whose masked input enters the sum (U3)."""
+    """Server -> device: the devices whose masked input enters the sum (U3), a bitmap over the members."""
 
     receiver: str
     session_id: bytes
     round_index: int
-    survivors: tuple[str, ...]
+    survivors: bytes
     signature: bytes = b""
 
 
@@ -151,12 +169,12 @@ class ConsistencyCheck:
 
 @dataclass(frozen=True)
 class UnmaskRequest:
-    """Server -> device: the survivor set, the consistency signatures, and which shares to reveal."""
+    """Server -> device: the survivor set (bitmap), t consistency signatures, and which shares to reveal."""
 
     receiver: str
     session_id: bytes
     round_index: int
-    survivors: tuple[str, ...]
+    survivors: bytes
     consistency: tuple[tuple[str, bytes], ...]
     self_mask_owners: tuple[str, ...]
     mask_key_owners: tuple[str, ...]

@@ -21,13 +21,15 @@ ADVERT = m.AdvertiseKeys("dev-1", 4, b"n" * 32, b"c" * 32, b"s" * 32, b"\x07" * 
 SAMPLES = [
     m.RoundStart(4, b"n" * 32, 16, 1000, b"\x05" * 64),
     ADVERT,
-    m.Roster(4, b"n" * 32, 16, 1000, 2, 2, (ADVERT, m.AdvertiseKeys("dev-2", 4, b"n" * 32, b"c" * 32, b"s" * 32))),
+    m.Roster("dev-1", 4, b"n" * 32, 16, 1000, 2, 2, b"D" * 32, b"\x0b",
+             (m.NeighbourKey("dev-2", b"c" * 32, b"s" * 32, b"\x07" * 64),
+              m.NeighbourKey("dev-4", b"C" * 32, b"S" * 32, b"\x08" * 64))),
     m.ShareKeys("dev-1", SID, 4, (m.EncryptedShare("dev-1", "dev-2", b"\x00" * 12, b"ct" * 80),)),
     m.ShareRelay("dev-2", SID, 4, (m.EncryptedShare("dev-1", "dev-2", b"\x00" * 12, b"ct" * 80),)),
     m.MaskedInput("dev-1", SID, 4, ("dev-3",), np.array([0, 1, 2**32 - 1], dtype=np.uint32), b"\x09" * 64),
-    m.SurvivorSet("dev-1", SID, 4, ("dev-1", "dev-2")),
+    m.SurvivorSet("dev-1", SID, 4, b"\x03"),
     m.ConsistencyCheck("dev-1", SID, 4, b"d" * 32),
-    m.UnmaskRequest("dev-1", SID, 4, ("dev-1", "dev-2"), (("dev-2", b"\x03" * 64),), ("dev-2",), ("dev-3",)),
+    m.UnmaskRequest("dev-1", SID, 4, b"\x03", (("dev-2", b"\x03" * 64),), ("dev-2",), ("dev-3",)),
     m.UnmaskShares("dev-1", SID, 4, (("dev-2", SHARE),), (("dev-3", SHARE),)),
     m.Abort(SID, 4, "only 2 devices shared their keys, below the threshold t=3"),
     m.SharePlaintext(SHARE, SHARE),
@@ -67,7 +69,7 @@ def test_unknown_type_tag_and_bad_signature_length_are_rejected():
 
 
 def test_oversized_declared_counts_are_rejected_before_allocation():
-    body = codec.body_bytes(m.SurvivorSet("dev-1", SID, 4, ()))
+    body = codec.body_bytes(m.ShareRelay("dev-1", SID, 4, ()))
     huge = body[:-4] + struct.pack(">I", 2**31) + b"\x00"
     with pytest.raises(MessageFormatError, match="declares"):
         codec.decode(huge)
@@ -114,9 +116,24 @@ def test_signatures_cover_every_field_and_the_message_type():
         codec.verify(unsigned, key.public, "dev-1")
 
 
-def test_session_id_depends_on_every_signed_advert():
+def test_session_id_covers_what_every_member_shares_and_not_what_differs_between_them():
+    import dataclasses
+
     roster = SAMPLES[2]
-    substituted = m.AdvertiseKeys("dev-2", 4, b"n" * 32, b"c" * 32, b"S" * 32)
-    other = m.Roster(4, b"n" * 32, 16, 1000, 2, 2, (ADVERT, substituted))
-    assert codec.session_id_of(roster) != codec.session_id_of(other)
-    assert codec.session_id_of(roster) == codec.session_id_of(codec.decode(codec.encode(roster)))
+    sid = codec.session_id_of(roster)
+    assert sid == codec.session_id_of(codec.decode(codec.encode(roster)))
+    # each member receives its own copy: another receiver and other neighbours, one session
+    other_member = dataclasses.replace(roster, receiver="dev-2", neighbours=roster.neighbours[:1])
+    assert codec.session_id_of(other_member) == sid
+    for field, value in [("round_index", 5), ("round_nonce", b"N" * 32), ("bits", 17), ("vector_length", 999),
+                         ("degree", 4), ("threshold", 3), ("directory_digest", b"E" * 32), ("members", b"\x0f")]:
+        assert codec.session_id_of(dataclasses.replace(roster, **{field: value})) != sid, field
+
+
+def test_a_neighbour_key_rebuilds_the_advert_its_device_signed():
+    key = IdentityKey.generate()
+    advert = codec.sign(m.AdvertiseKeys("dev-2", 4, b"n" * 32, b"c" * 32, b"s" * 32), key)
+    carried = m.NeighbourKey(advert.device_id, advert.c_public, advert.s_public, advert.signature)
+    codec.verify(carried.advert(4, b"n" * 32), key.public, "dev-2")
+    with pytest.raises(SignatureError):
+        codec.verify(carried.advert(5, b"n" * 32), key.public, "dev-2")  # replayed into another round

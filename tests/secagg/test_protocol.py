@@ -20,8 +20,8 @@ from edge_sdk.secagg.errors import (
     ReplayError,
     SignatureError,
 )
-from edge_sdk.secagg.graph import neighbour_graph
 from edge_sdk.secagg.keys import AgreementKey, IdentityKey
+from edge_sdk.secagg.membership import from_bitmap, to_bitmap
 from edge_sdk.secagg.messages import (
     AdvertiseKeys,
     ConsistencyCheck,
@@ -169,6 +169,25 @@ def test_round_succeeds_with_exactly_threshold_survivors(stage):
     np.testing.assert_array_equal(outcome.result, exact_sum(inputs, outcome.server.contributors, 16))
 
 
+def test_a_device_whose_neighbours_all_drop_before_sharing_sits_out_and_the_round_goes_on():
+    devices, fleet, config, inputs = setup(12, 4, 2)
+    victim, neighbours = devices[5], set()
+
+    def learn(device, message):
+        if isinstance(message, Roster) and device == victim:
+            neighbours.update(k.device_id for k in message.neighbours)
+        return message
+
+    def silence_neighbours(device, message):
+        return None if device in neighbours and isinstance(message, ShareKeys) else message
+
+    outcome = run_session(fleet, config, inputs, downlink_hook=learn, uplink_hook=silence_neighbours)
+    assert len(neighbours) == 4 and not outcome.aborted, outcome.abort_reason
+    contributors = set(devices) - neighbours - {victim}  # nobody but the victim holds its self-mask share
+    assert set(outcome.server.contributors) == contributors
+    np.testing.assert_array_equal(outcome.result, exact_sum(inputs, contributors, 16))
+
+
 def test_finder_parameters_run_a_full_session():
     devices, fleet, config, inputs = setup(40, None, None)
     outcome = run_session(fleet, config, inputs, drop_at={Stage.MASKED_INPUT: {devices[3], devices[20]}})
@@ -231,8 +250,8 @@ def test_consistency_check_catches_different_survivor_sets_sent_to_different_cli
     def downlink(device, message):
         if isinstance(message, SurvivorSet) and device in group_b:
             # The server tells group B that devices[0] dropped, while group A is told it survived.
-            fewer = tuple(d for d in message.survivors if d != devices[0])
-            return resign_as_server(fleet, dataclasses.replace(message, survivors=fewer))
+            fewer = set(from_bitmap(devices, message.survivors, "survivors")) - {devices[0]}
+            return resign_as_server(fleet, dataclasses.replace(message, survivors=to_bitmap(devices, fewer)))
         if isinstance(message, UnmaskRequest) and device not in group_b:
             # ... then shows group A every signature it collected, B's included.
             extra = tuple(sorted(stolen.items()))
@@ -264,52 +283,88 @@ def test_consistency_check_needs_threshold_many_signatures_over_the_same_set():
     assert isinstance(client.error, ConsistencyError) and "only 2 devices confirmed" in str(client.error)
 
 
+def _substitute_in_rosters(fleet: Fleet, owner: str, **keys: bytes):
+    """A server that swaps ``owner``'s advertised keys in every roster that carries them, and re-signs."""
+    carriers: set[str] = set()
+
+    def hook(device, message):
+        if isinstance(message, Roster) and any(k.device_id == owner for k in message.neighbours):
+            carriers.add(device)
+            neighbours = tuple(dataclasses.replace(k, **keys) if k.device_id == owner else k
+                               for k in message.neighbours)
+            return resign_as_server(fleet, dataclasses.replace(message, neighbours=neighbours))
+        return message
+
+    return hook, carriers
+
+
 def test_clients_catch_a_substituted_public_key_by_its_signature():
     devices, fleet, config, inputs = setup(6, 5, 3)
-    attacker_key = AgreementKey.generate().public
-
-    def substitute(device, message):
-        if isinstance(message, Roster):
-            adverts = tuple(dataclasses.replace(a, s_public=attacker_key) if a.device_id == devices[2] else a
-                            for a in message.adverts)
-            return resign_as_server(fleet, dataclasses.replace(message, adverts=adverts))
-        return message
-
-    outcome = run_session(fleet, config, inputs, downlink_hook=substitute)
-    for device in devices:
+    hook, carriers = _substitute_in_rosters(fleet, devices[2], s_public=AgreementKey.generate().public)
+    outcome = run_session(fleet, config, inputs, downlink_hook=hook)
+    assert carriers == set(devices) - {devices[2]}  # a complete graph: everyone else uses the key
+    for device in carriers:
         client = outcome.clients[device]
         assert client.stage is Stage.ABORTED
-        if device == devices[2]:  # the owner sees its own keys altered
-            assert isinstance(client.error, ProtocolViolationError) and "own advertised keys" in str(client.error)
-        else:
-            assert isinstance(client.error, SignatureError) and "'dev-02'" in str(client.error)
-    assert outcome.aborted and outcome.server.share_keys == {}
+        assert isinstance(client.error, SignatureError) and "'dev-02'" in str(client.error)
+    assert outcome.aborted and set(outcome.server.share_keys) == {devices[2]}  # no other device shared
+    assert "aborted the round" in outcome.clients[devices[2]].abort_reason
 
 
-@pytest.mark.parametrize("verify_every_advert", [True, False])
-def test_a_substituted_neighbour_key_is_caught_whichever_adverts_a_device_checks(verify_every_advert):
+def test_a_substituted_key_is_caught_by_each_neighbour_that_would_use_it_and_the_rest_go_on():
     devices, fleet, config, inputs = setup(12, 4, 2)
-    attacker_key = AgreementKey.generate().public
     victim = devices[5]
-    neighbours: set[str] = set()
-
-    def substitute(device, message):
-        if isinstance(message, Roster):
-            adverts = tuple(dataclasses.replace(a, c_public=attacker_key) if a.device_id == victim else a
-                            for a in message.adverts)
-            forged = resign_as_server(fleet, dataclasses.replace(message, adverts=adverts))
-            graph = neighbour_graph(forged.members, forged.degree, codec.session_id_of(forged))
-            neighbours.update(graph[victim])
-            return forged
-        return message
-
-    outcome = run_session(fleet, config, inputs, downlink_hook=substitute, verify_every_advert=verify_every_advert)
-    for device in neighbours:
+    hook, carriers = _substitute_in_rosters(fleet, victim, c_public=AgreementKey.generate().public)
+    outcome = run_session(fleet, config, inputs, downlink_hook=hook)
+    assert len(carriers) == 4 and victim not in carriers  # only the k neighbours ever see victim's keys
+    for device in carriers:
         assert isinstance(outcome.clients[device].error, SignatureError)
-    others = set(devices) - neighbours - {victim}
-    aborted_others = {d for d in others if outcome.clients[d].stage is Stage.ABORTED
-                      and isinstance(outcome.clients[d].error, SignatureError)}
-    assert aborted_others == (others if verify_every_advert else set())
+    assert not outcome.aborted, outcome.abort_reason
+    # the victim lost every neighbour: nobody else holds a share of its self-mask, so it sits out
+    contributors = set(devices) - carriers - {victim}
+    assert set(outcome.server.contributors) == contributors
+    np.testing.assert_array_equal(outcome.result, exact_sum(inputs, contributors, 16))
+
+
+def test_a_device_with_another_enrolment_directory_refuses_the_roster_and_says_why():
+    devices, fleet, config, inputs = setup(5, 4, 2)
+    stale = {d: k for d, k in fleet.enrolled.items() if d != devices[4]}  # missed one enrolment
+    config = dataclasses.replace(config, enrolled=fleet.enrolled)
+    server, starts = start_server(config, tuple(devices[:4]), 1, now=0.0)
+    client = start_client(dataclasses.replace(fleet.client_config(devices[0]), enrolled=stale), inputs[devices[0]],
+                          now=0.0, round_index=1)
+    client, (advert,) = handle_client(client, dict(starts)[devices[0]], now=0.0)
+    rosters = []
+    for device, start in starts:
+        if device == devices[0]:
+            server, sends = handle_server(server, advert, now=0.0)
+        else:
+            other = start_client(fleet.client_config(device), inputs[device], now=0.0, round_index=1)
+            server, sends = handle_server(server, handle_client(other, start, now=0.0)[1][0], now=0.0)
+        rosters += sends
+    client, sent = handle_client(client, dict(rosters)[devices[0]], now=0.0)
+    assert client.stage is Stage.ABORTED and sent == []
+    assert "different enrolment directory" in client.abort_reason
+
+
+def test_a_roster_that_leaves_the_device_out_or_pads_its_bitmap_is_refused():
+    devices, fleet, config, inputs = setup(4, 3, 2)
+
+    def run_with(change):
+        def hook(device, message):
+            if isinstance(message, Roster) and device == devices[0]:
+                return resign_as_server(fleet, change(message))
+            return message
+
+        return run_session(fleet, config, inputs, downlink_hook=hook)
+
+    left_out = run_with(lambda r: dataclasses.replace(r, members=to_bitmap(devices, devices[1:]))).clients[devices[0]]
+    assert isinstance(left_out.error, ProtocolViolationError) and "does not include this device" in str(left_out.error)
+    padded = run_with(lambda r: dataclasses.replace(r, members=r.members + b"\x00"))
+    device = padded.clients[devices[0]]
+    assert any("roster members bitmap is 2 bytes" in str(e) for e in device.rejections)
+    assert device.stage is Stage.ADVERTISE_KEYS and device.session_id == b""  # still waiting for a valid roster
+    assert set(padded.server.contributors) == set(devices[1:])  # and the round went on without it
 
 
 def test_device_requiring_a_majority_threshold_refuses_a_roster_below_it():
@@ -405,7 +460,7 @@ def test_messages_replayed_from_an_earlier_round_are_rejected():
 
     third = run_session(fleet, config, inputs, round_index=3, uplink_hook=replay_advert)
     assert isinstance(next(r for r in third.server.rejections if r.sender == devices[2]).error, ReplayError)
-    assert devices[2] not in third.server.roster.members
+    assert devices[2] not in third.server.members
     np.testing.assert_array_equal(third.result, exact_sum(inputs, set(devices) - {devices[2]}, 16))
 
 
@@ -499,7 +554,7 @@ def test_honest_server_never_asks_for_both_shares_or_for_mask_keys_of_survivors(
     assert any(r.mask_key_owners for r in requests)
     for request in requests:
         assert not set(request.self_mask_owners) & set(request.mask_key_owners)
-        assert not set(request.mask_key_owners) & set(request.survivors)
+        assert not set(request.mask_key_owners) & set(from_bitmap(devices, request.survivors, "survivors"))
 
 
 @pytest.mark.parametrize("defect", ["short vector", "entries above 2^b", "unknown rejection"])
@@ -537,7 +592,7 @@ def test_server_drops_a_device_advertising_a_low_order_key():
     outcome = run_session(fleet, config, inputs, uplink_hook=uplink)
     rejection = next(r for r in outcome.server.rejections if r.sender == cheat)
     assert isinstance(rejection.error, ProtocolViolationError) and "low-order" in str(rejection.error)
-    assert cheat not in outcome.server.roster.members
+    assert cheat not in outcome.server.members
     np.testing.assert_array_equal(outcome.result, exact_sum(inputs, set(devices) - {cheat}, 16))
 
 
