@@ -416,12 +416,11 @@ def _close_consistency(state: ServerState, now: float) -> tuple[ServerState, Out
     # downlink grow with n.
     signatures = tuple((d, state.consistency[d]) for d in u4[: state.threshold])
     u3, dropped = set(state.u3), set(state.u2) - set(state.u3)
-    bitmap = to_bitmap(state.members, state.u3)
     requests = {}
     for u in u4:
         neighbours = set(state.graph[u])
         requests[u] = codec.sign(
-            UnmaskRequest(u, state.session_id, state.round_index, bitmap, signatures,
+            UnmaskRequest(u, state.session_id, state.round_index, signatures,
                           tuple(sorted((neighbours | {u}) & u3)), tuple(sorted(neighbours & dropped))),
             state.config.identity)
     new = replace(state, stage=Stage.UNMASK, u4=u4, requests=requests, deadline=now + state.config.stage_timeout)

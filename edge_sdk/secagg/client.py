@@ -107,6 +107,7 @@ class ClientState:
     share_senders: tuple[str, ...] = ()  # neighbours in U2 (their shares were relayed to us)
     held_shares: Mapping[str, SharePlaintext] = field(default_factory=dict)
     rejected: tuple[str, ...] = ()
+    survivors: tuple[str, ...] = ()  # U3 as the server showed it; this device signed its digest
     survivors_digest: bytes = b""
     error: SecAggError | None = None
     rejections: tuple[SecAggError, ...] = ()
@@ -329,7 +330,7 @@ def _masked_input(state: ClientState, message: object, now: float) -> tuple[Clie
     survivors = _survivors(state, message.survivors)
     digest = survivors_digest(state.session_id, state.round_index, survivors)
     out = _sign(state, ConsistencyCheck(state.config.device_id, state.session_id, state.round_index, digest))
-    new = replace(state, stage=Stage.CONSISTENCY_CHECK, survivors_digest=digest,
+    new = replace(state, stage=Stage.CONSISTENCY_CHECK, survivors=survivors, survivors_digest=digest,
                   deadline=now + state.config.stage_timeout)
     return new, [out]
 
@@ -348,10 +349,8 @@ def _consistency_check(state: ClientState, message: object, now: float) -> tuple
         raise _unexpected(state, message)
     _check_server_message(state, message)
     me = state.config.device_id
-    survivors = set(_survivors(state, message.survivors))
-    digest = survivors_digest(state.session_id, state.round_index, tuple(survivors))
-    if digest != state.survivors_digest:
-        raise ConsistencyError("the unmask request names a different survivor set than the one this device signed")
+    # The request does not repeat U3: the signatures below must cover the set this device signed.
+    survivors, digest = set(state.survivors), state.survivors_digest
     signers = [signer for signer, _ in message.consistency]
     if len(set(signers)) != len(signers) or not set(signers) <= survivors:
         raise ConsistencyError("consistency signatures repeat signers or come from outside the survivor set")

@@ -233,7 +233,7 @@ _SCHEMAS: dict[type, tuple[int, tuple[tuple[str, Any], ...]]] = {
     m.SurvivorSet: (7, (("receiver", _ID), ("session_id", _B32), ("round_index", _U64), ("survivors", _BITMAP))),
     m.ConsistencyCheck: (8, (("sender", _ID), ("session_id", _B32), ("round_index", _U64),
                              ("survivors_digest", _B32))),
-    m.UnmaskRequest: (9, (("receiver", _ID), ("session_id", _B32), ("round_index", _U64), ("survivors", _BITMAP),
+    m.UnmaskRequest: (9, (("receiver", _ID), ("session_id", _B32), ("round_index", _U64),
                           ("consistency", (_pairs_w(SIGNATURE_BYTES), _pairs_r(SIGNATURE_BYTES))),
                           ("self_mask_owners", _IDS), ("mask_key_owners", _IDS))),
     m.UnmaskShares: (10, (("sender", _ID), ("session_id", _B32), ("round_index", _U64),

@@ -169,12 +169,14 @@ class ConsistencyCheck:
 
 @dataclass(frozen=True)
 class UnmaskRequest:
-    """Server -> device: the survivor set (bitmap), t consistency signatures, and which shares to reveal."""
+    """Server -> device: t consistency signatures, and which shares to reveal.
+
+    U3 is not repeated: the device checks the signatures against the survivor set it signed.
+    """
 
     receiver: str
     session_id: bytes
     round_index: int
-    survivors: bytes
     consistency: tuple[tuple[str, bytes], ...]
     self_mask_owners: tuple[str, ...]
     mask_key_owners: tuple[str, ...]

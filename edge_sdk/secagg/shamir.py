@@ -1,6 +1,8 @@
-"""Shamir secret sharing of 32-byte secrets over GF(2^521 - 1).
+"""Shamir secret sharing of 32-byte secrets over GF(2^256 + 297).
 
-Why this field: a Mersenne prime above 2^256 holds any 32-byte secret as one field element and
+Why this field: 2^256 + 297 is the smallest prime above 2^256, so any 32-byte secret is one field
+element and a share is 33 bytes. Each device sends and receives 2k shares a round, so every byte
+of a share is paid 4k times per device on a constrained uplink (2^521 - 1 would double it).
 Python ints make the arithmetic exact. Shares are evaluated at small positive x (1-based roster
 positions). Reconstruction is Lagrange interpolation at 0; the coefficients depend only on the
 set of x-coordinates, so ``LagrangeCache`` computes them once per subset and with a single modular
@@ -16,23 +18,23 @@ from dataclasses import dataclass, field
 
 from edge_sdk.secagg.errors import ReconstructionError, SecAggConfigError
 
-PRIME = (1 << 521) - 1
-SHARE_BYTES = 66  # ceil(521 / 8)
+PRIME = (1 << 256) + 297
+SHARE_BYTES = 33  # ceil(257 / 8)
 SECRET_BYTES = 32
 
 
 def encode_share(value: int) -> bytes:
-    """A field element as 66 big-endian bytes."""
+    """A field element as 33 big-endian bytes."""
     return value.to_bytes(SHARE_BYTES, "big")
 
 
 def decode_share(data: bytes) -> int:
-    """Parse a 66-byte share, refusing values outside the field."""
+    """Parse a 33-byte share, refusing values outside the field."""
     if len(data) != SHARE_BYTES:
         raise ReconstructionError(f"a share must be {SHARE_BYTES} bytes, got {len(data)}")
     value = int.from_bytes(data, "big")
     if value >= PRIME:
-        raise ReconstructionError("share value is not a field element (>= 2^521 - 1)")
+        raise ReconstructionError("share value is not a field element (>= 2^256 + 297)")
     return value
 
 

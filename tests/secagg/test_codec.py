@@ -15,7 +15,7 @@ from edge_sdk.secagg.errors import MessageFormatError, SignatureError
 from edge_sdk.secagg.keys import IdentityKey
 
 SID = bytes(range(32))
-SHARE = b"\x01" * 66
+SHARE = b"\x01" * 33
 ADVERT = m.AdvertiseKeys("dev-1", 4, b"n" * 32, b"c" * 32, b"s" * 32, b"\x07" * 64)
 
 SAMPLES = [
@@ -29,7 +29,7 @@ SAMPLES = [
     m.MaskedInput("dev-1", SID, 4, ("dev-3",), np.array([0, 1, 2**32 - 1], dtype=np.uint32), b"\x09" * 64),
     m.SurvivorSet("dev-1", SID, 4, b"\x03"),
     m.ConsistencyCheck("dev-1", SID, 4, b"d" * 32),
-    m.UnmaskRequest("dev-1", SID, 4, b"\x03", (("dev-2", b"\x03" * 64),), ("dev-2",), ("dev-3",)),
+    m.UnmaskRequest("dev-1", SID, 4, (("dev-2", b"\x03" * 64),), ("dev-2",), ("dev-3",)),
     m.UnmaskShares("dev-1", SID, 4, (("dev-2", SHARE),), (("dev-3", SHARE),)),
     m.Abort(SID, 4, "only 2 devices shared their keys, below the threshold t=3"),
     m.SharePlaintext(SHARE, SHARE),

@@ -9,6 +9,7 @@ import os
 
 import numpy as np
 import pytest
+import sympy
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -16,6 +17,7 @@ from edge_sdk.secagg.errors import DecryptionError, ReconstructionError, SecAggC
 from edge_sdk.secagg.keys import AgreementKey, IdentityKey, verify_signature
 from edge_sdk.secagg.shamir import (
     PRIME,
+    SHARE_BYTES,
     LagrangeCache,
     decode_share,
     encode_share,
@@ -35,9 +37,10 @@ def test_shamir_known_answer_for_a_fixed_polynomial():
     assert reconstruct_secret(shares, 3) == (42).to_bytes(32, "big")
 
 
-def test_field_is_the_mersenne_prime_2_521_minus_1():
-    assert PRIME == 2**521 - 1
-    assert pow(3, PRIME - 1, PRIME) == 1  # Fermat witness, consistent with primality
+def test_field_is_the_smallest_prime_above_2_to_the_256():
+    assert PRIME == 2**256 + 297
+    assert sympy.isprime(PRIME) and sympy.nextprime(2**256) == PRIME
+    assert SHARE_BYTES == 33 and (2**256 - 1).bit_length() < PRIME.bit_length() <= 8 * SHARE_BYTES
 
 
 @given(secret=st.binary(min_size=32, max_size=32), threshold=st.integers(1, 6), extra=st.integers(0, 4))
@@ -54,9 +57,13 @@ def test_fewer_than_threshold_shares_do_not_rebuild_the_secret():
     shares = split_secret(secret, 4, [1, 2, 3, 4, 5])
     with pytest.raises(ReconstructionError, match="3 shares received, threshold is 4"):
         reconstruct_secret({x: shares[x] for x in (1, 2, 3)}, 4)
-    # Interpolating t-1 points as if t-1 were the threshold gives a value unrelated to the secret.
-    with pytest.raises(ReconstructionError, match="exceeds 32 bytes"):
-        reconstruct_secret({x: shares[x] for x in (1, 2, 3)}, 3)
+    # Interpolating t-1 points as if t-1 were the threshold gives a value unrelated to the secret
+    # (or, with probability 297 / 2^256, one that is not 32 bytes at all).
+    try:
+        wrong = reconstruct_secret({x: shares[x] for x in (1, 2, 3)}, 3)
+    except ReconstructionError:
+        wrong = None
+    assert wrong != secret
 
 
 def test_batch_inverted_lagrange_coefficients_match_the_textbook_formula():
@@ -81,8 +88,8 @@ def test_share_encoding_round_trips_and_rejects_out_of_field_values():
     assert decode_share(encode_share(PRIME - 1)) == PRIME - 1
     with pytest.raises(ReconstructionError, match="not a field element"):
         decode_share(encode_share(PRIME))
-    with pytest.raises(ReconstructionError, match="66 bytes"):
-        decode_share(b"\x00" * 65)
+    with pytest.raises(ReconstructionError, match="33 bytes"):
+        decode_share(b"\x00" * 32)
 
 
 def test_split_refuses_bad_arguments():
