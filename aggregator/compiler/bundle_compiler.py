@@ -20,7 +20,7 @@ from aggregator.compiler.emitter import Emitter
 from aggregator.compiler.errors import CompileError
 from aggregator.compiler.losses import LOSSES, emit_loss
 from aggregator.compiler.model_input import FLOAT_TYPES, INPUT_NAME, PreparedModel, prepare_model
-from aggregator.compiler.optimizers import STATE_KINDS, UpdateEmitter, resolve_hyperparameters
+from aggregator.compiler.optimizers import STATE_KINDS, UpdateEmitter, resolve_hyperparameters, state_scales
 from edge_sdk.training.bundle import (
     FORMAT_VERSION,
     Manifest,
@@ -204,10 +204,11 @@ def compile_graphs(
         )
         for n, a in prep.params.items()
     )
+    scales = state_scales(optimizer, hp)
     state = tuple(
         StateSpec(
             name=state_names[(p, k)], param=p, kind=k, shape=tuple(int(d) for d in prep.params[p].shape),
-            dtype=dtype, input=state_names[(p, k)], output=state_out[(p, k)],
+            dtype=dtype, input=state_names[(p, k)], output=state_out[(p, k)], scale=scales[k],
         )
         for (p, k) in state_names
     )

@@ -9,6 +9,8 @@ performs (``lr`` is a graph input, the hyper-parameters are baked constants, ``s
 * adam:     g += wd*p;  m = b1*m + (1-b1)*g;  v = b2*v + (1-b2)*g^2;
             p -= lr/(1-b1^t) * m / (sqrt(v)/sqrt(1-b2^t) + eps)           (torch.optim.Adam, amsgrad=False)
 * adamw:    p *= 1 - lr*wd, then the adam update without the L2 term       (torch.optim.AdamW, decoupled)
+
+Adam's v is stored scaled (see ``state_scales``); every other state tensor is stored as torch holds it.
 """
 
 from __future__ import annotations
@@ -33,6 +35,18 @@ STATE_KINDS: dict[str, tuple[str, ...]] = {
     "adam": ("m", "v"),
     "adamw": ("m", "v"),
 }
+
+
+def state_scales(optimizer: str, hp: dict[str, float]) -> dict[str, float]:
+    """Factor between each stored state tensor and torch's value of it (stored = scale * torch's).
+
+    Adam's v is kept as v * (1-b1)^2 / (1-b2): its update then reads v' = b2*v + s*s with s = (1-b1)*g,
+    the value m is updated with, so no pass over the weight is spent scaling g^2 (the factor folds into
+    the step scalars instead). On the 784x128 weight that pass is ~9 us of a ~0.35 ms step.
+    """
+    if optimizer in ("adam", "adamw"):
+        return {"m": 1.0, "v": (1.0 - hp["beta1"]) ** 2 / (1.0 - hp["beta2"])}
+    return {kind: 1.0 for kind in STATE_KINDS[optimizer]}
 
 
 def resolve_hyperparameters(optimizer: str, params: dict | None) -> dict[str, float]:
@@ -77,19 +91,22 @@ class UpdateEmitter:
         return self._neg_lr_name
 
     def _adam_scalars(self) -> tuple[str, str]:
-        """(lr * sqrt(1 - b2^t) / (1 - b1^t), eps * sqrt(1 - b2^t)).
+        """(lr * r / (1 - b1^t), eps * r) with r = sqrt((1 - b2^t) / k), k = (1-b2) / (1-b1)^2.
 
-        torch computes p -= lr/bc1 * m / (sqrt(v)/sqrt(bc2) + eps); multiplying numerator and
-        denominator by sqrt(bc2) gives the same value with one elementwise pass fewer per parameter.
+        torch computes p -= lr/bc1 * m / (sqrt(v)/sqrt(bc2) + eps). The stored v is v/k (``state_scales``),
+        so sqrt(v) = sqrt(k) * sqrt(stored); multiplying numerator and denominator by sqrt(bc2/k) gives
+        the same value as m / (sqrt(stored) + eps*r) * lr*r/bc1, with one elementwise pass fewer per
+        parameter than dividing by sqrt(bc2) and none for k.
         """
         if self._step_scalars is None:
-            em = self.em
+            em, hp = self.em, self.hp
             t = em.node("Cast", [self.step], to=em.onnx_dtype)
             one = em.scalar(1.0)
-            bc1 = em.sub(one, em.node("Pow", [em.scalar(self.hp["beta1"]), t]))
-            bc2_sqrt = em.node("Sqrt", [em.sub(one, em.node("Pow", [em.scalar(self.hp["beta2"]), t]))])
-            step_size = em.div(em.mul(self.lr, bc2_sqrt), bc1, hint="step_size")
-            self._step_scalars = (step_size, em.mul(bc2_sqrt, em.scalar(self.hp["eps"]), hint="eps_hat"))
+            bc1 = em.sub(one, em.node("Pow", [em.scalar(hp["beta1"]), t]))
+            bc2 = em.sub(one, em.node("Pow", [em.scalar(hp["beta2"]), t]))
+            r = em.node("Sqrt", [em.mul(bc2, em.scalar(state_scales(self.optimizer, hp)["v"]))])
+            step_size = em.div(em.mul(self.lr, r), bc1, hint="step_size")
+            self._step_scalars = (step_size, em.mul(r, em.scalar(hp["eps"]), hint="eps_hat"))
         return self._step_scalars
 
     def _fuse_into_gemm(self, grad: str, accumulator: str, beta: float, scale: str | None, out: str) -> bool:
@@ -156,14 +173,21 @@ class UpdateEmitter:
             if self.optimizer == "adamw" and wd:
                 decay = em.sub(em.scalar(1.0), em.mul(self.lr, em.scalar(wd)))
                 param = em.mul(param, decay)
-            b1, b2 = hp["beta1"], hp["beta2"]
-            prescaled = self._prescale_gemm(grad, 1.0 - b1)
-            # with the Gemm emitting (1-b1)*g directly: v gets (1-b2)/(1-b1)^2 * ((1-b1)*g)^2
-            scaled = grad if prescaled else em.mul(grad, em.scalar(1.0 - b1))
-            v_factor = (1.0 - b2) / (1.0 - b1) ** 2 if prescaled else 1.0 - b2
-            square = em.mul(scaled, scaled) if prescaled else em.mul(grad, grad)
-            m = em.node("Add", [em.mul(state["m"], em.scalar(b1)), scaled], outputs=[out_state["m"]])
-            v = em.node("Add", [em.mul(state["v"], em.scalar(b2)), em.mul(square, em.scalar(v_factor))],
-                        outputs=[out_state["v"]])
-            denom = em.add(em.node("Sqrt", [v]), eps_hat)
-            em.node("Sub", [param, em.mul(em.div(m, denom), step_size)], outputs=[out_param])
+            self._adam_moments(param, grad, state, out_param, out_state, step_size, eps_hat)
+
+    def _adam_moments(
+        self, param: str, grad: str, state: dict[str, str], out_param: str, out_state: dict[str, str],
+        step_size: str, eps_hat: str,
+    ) -> None:
+        """m' = b1*m + s;  v' = b2*v + s*s (v stored scaled);  p -= step_size * m' / (sqrt(v') + eps_hat).
+
+        s = (1-b1)*g comes straight out of the weight-gradient Gemm when its alpha can carry the
+        factor, so a weight costs ten elementwise passes: Mul+Add for m, Mul+Mul+Add for v, and
+        Sqrt, Add, Div, Mul, Sub for p.
+        """
+        em, b1, b2 = self.em, self.hp["beta1"], self.hp["beta2"]
+        scaled = grad if self._prescale_gemm(grad, 1.0 - b1) else em.mul(grad, em.scalar(1.0 - b1))
+        m = em.node("Add", [em.mul(state["m"], em.scalar(b1)), scaled], outputs=[out_state["m"]])
+        v = em.node("Add", [em.mul(state["v"], em.scalar(b2)), em.mul(scaled, scaled)], outputs=[out_state["v"]])
+        denom = em.add(em.node("Sqrt", [v]), eps_hat)
+        em.node("Sub", [param, em.mul(em.div(m, denom), step_size)], outputs=[out_param])

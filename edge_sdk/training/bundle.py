@@ -92,6 +92,8 @@ class StateSpec:
     """One optimiser-state tensor (momentum velocity, Adam m or v) of one trainable parameter.
 
     It starts at zero with the parameter's shape and dtype; ``input`` -> ``output`` in train_step.onnx.
+    The graph holds ``scale`` times torch's value of it: the compiler may store a tensor rescaled
+    when that saves an elementwise pass per step (Adam's v); ``TrainingState`` reports torch's value.
     """
 
     name: str
@@ -101,6 +103,7 @@ class StateSpec:
     dtype: str
     input: str
     output: str
+    scale: float = 1.0
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> StateSpec:
@@ -112,6 +115,7 @@ class StateSpec:
             dtype=str(d["dtype"]),
             input=str(d["input"]),
             output=str(d["output"]),
+            scale=float(d.get("scale", 1.0)),
         )
 
 

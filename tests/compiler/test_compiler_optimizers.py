@@ -25,12 +25,25 @@ CASES = {
 
 
 def random_state(compiled, seed):
+    """Random optimiser state in torch's convention, keyed by graph input."""
     rng = np.random.default_rng(seed)
     state = {}
     for s in compiled.manifest.state:
         value = rng.standard_normal(s.shape)
         state[s.input] = np.abs(value) if s.kind == "v" else value  # Adam's v is a running mean of g^2
     return state
+
+
+def stored(compiled, state):
+    """The graph's representation of torch-convention state (each tensor times its manifest scale)."""
+    scales = {s.input: s.scale for s in compiled.manifest.state}
+    return {name: value * value.dtype.type(scales[name]) for name, value in state.items()}
+
+
+def test_adam_v_is_stored_scaled_and_everything_else_as_torch_holds_it():
+    compiled = compile_graphs(model_zoo.mlp((4, 3)), loss="mse", optimizer="adam",
+                              optimizer_params={"beta1": 0.8, "beta2": 0.99})
+    assert {s.kind: s.scale for s in compiled.manifest.state} == {"m": 1.0, "v": pytest.approx(0.2**2 / 0.01)}
 
 
 @pytest.mark.parametrize("optimizer", sorted(CASES))
@@ -46,7 +59,8 @@ def test_one_step_matches_reference_update(optimizer, weight_decay):
     params = compiled.initial_params
     state = random_state(compiled, seed=2)
     step, lr = 3, 0.07
-    out = train_step(compiled, GraphRunner(compiled.train_step), params, x, y, lr=lr, step=step, state=state)
+    out = train_step(compiled, GraphRunner(compiled.train_step), params, x, y, lr=lr, step=step,
+                     state=stored(compiled, state))
     _, grads = ref.loss_and_gradients(MLP_LAYERS, params, x, y, "cross_entropy")
     for p in m.trainable:
         own = {s.kind: state[s.input] for s in m.state if s.param == p.name}
@@ -55,7 +69,7 @@ def test_one_step_matches_reference_update(optimizer, weight_decay):
         np.testing.assert_allclose(out[p.output], expected, rtol=1e-9, atol=1e-12, err_msg=p.name)
         for s in m.state:
             if s.param == p.name:
-                np.testing.assert_allclose(out[s.output], expected_state[s.kind], rtol=1e-9, atol=1e-12)
+                np.testing.assert_allclose(out[s.output] / s.scale, expected_state[s.kind], rtol=1e-9, atol=1e-12)
 
 
 @settings(max_examples=15, deadline=None)
@@ -72,14 +86,17 @@ def test_adam_update_matches_reference_for_any_hyperparameters(beta1, beta2, eps
     x, y = make_batch(compiled, 3, seed=step)
     state = random_state(compiled, seed=step)
     out = train_step(compiled, GraphRunner(compiled.train_step), compiled.initial_params, x, y, lr=lr, step=step,
-                     state=state)
+                     state=stored(compiled, state))
     _, grads = ref.loss_and_gradients([ref.Flatten(), ref.Linear("layers.0.weight", "layers.0.bias")],
                                       compiled.initial_params, x, y, "mse")
     for p in compiled.manifest.trainable:
         own = {s.kind: state[s.input] for s in compiled.manifest.state if s.param == p.name}
-        expected, _ = ref.optimizer_step(optimizer, hp, compiled.initial_params[p.name], grads[p.name], own, lr,
-                                         step)
+        expected, expected_state = ref.optimizer_step(optimizer, hp, compiled.initial_params[p.name],
+                                                      grads[p.name], own, lr, step)
         np.testing.assert_allclose(out[p.output], expected, rtol=1e-8, atol=1e-12)
+        for s in compiled.manifest.state:
+            if s.param == p.name:
+                np.testing.assert_allclose(out[s.output] / s.scale, expected_state[s.kind], rtol=1e-8, atol=1e-12)
 
 
 def test_sgd_with_lr_zero_leaves_parameters_unchanged():
@@ -154,7 +171,7 @@ def test_float32_step_in_onnxruntime_matches_reference(optimizer):
     x, y = make_batch(compiled, 5, seed=1)
     state = {k: v.astype(np.float32) for k, v in random_state(compiled, seed=2).items()}
     out = train_step(compiled, GraphRunner(compiled.train_step), compiled.initial_params, x, y, lr=0.07, step=3,
-                     state=state)
+                     state=stored(compiled, state))
     _, grads = ref.loss_and_gradients(MLP_LAYERS, compiled.initial_params, x, y, "cross_entropy")
     for p in m.trainable:
         own = {s.kind: state[s.input].astype(np.float64) for s in m.state if s.param == p.name}
@@ -163,4 +180,4 @@ def test_float32_step_in_onnxruntime_matches_reference(optimizer):
         np.testing.assert_allclose(out[p.output], expected, rtol=1e-5, atol=1e-6, err_msg=p.name)
         for s in m.state:
             if s.param == p.name:
-                np.testing.assert_allclose(out[s.output], expected_state[s.kind], rtol=1e-5, atol=1e-6)
+                np.testing.assert_allclose(out[s.output] / s.scale, expected_state[s.kind], rtol=1e-5, atol=1e-6)
