@@ -35,7 +35,7 @@ from edge_sdk.secagg.errors import (
     SecAggError,
     SignatureError,
 )
-from edge_sdk.secagg.graph import neighbour_graph
+from edge_sdk.secagg.graph import neighbours_of
 from edge_sdk.secagg.keys import AgreementKey, IdentityKey
 from edge_sdk.secagg.masking import MaskPeer, mask_vector
 from edge_sdk.secagg.membership import Directory, from_bitmap
@@ -45,7 +45,6 @@ from edge_sdk.secagg.messages import (
     ConsistencyCheck,
     EncryptedShare,
     MaskedInput,
-    NeighbourKey,
     Roster,
     RoundStart,
     ShareKeys,
@@ -103,7 +102,6 @@ class ClientState:
     members: tuple[str, ...] = ()  # the roster's members, sorted: survivor bitmaps number these
     index: Mapping[str, int] = field(default_factory=dict)  # 1-based roster positions = Shamir x
     neighbours: tuple[str, ...] = ()
-    neighbour_keys: Mapping[str, NeighbourKey] = field(default_factory=dict)
     share_senders: tuple[str, ...] = ()  # neighbours in U2 (their shares were relayed to us)
     held_shares: Mapping[str, SharePlaintext] = field(default_factory=dict)
     rejected: tuple[str, ...] = ()
@@ -259,7 +257,7 @@ def _on_roster(state: ClientState, roster: Roster, now: float) -> tuple[ClientSt
         )
     session_id = codec.session_id_of(roster)
     index = {member: i + 1 for i, member in enumerate(members)}
-    neighbours = neighbour_graph(members, roster.degree, session_id)[me]
+    neighbours = neighbours_of(members, roster.degree, session_id, me)
     keys = {key.device_id: key for key in roster.neighbours}
     if tuple(key.device_id for key in roster.neighbours) != neighbours:
         raise ProtocolViolationError("roster does not carry exactly one advert per neighbour, in id order")
@@ -281,7 +279,7 @@ def _on_roster(state: ClientState, roster: Roster, now: float) -> tuple[ClientSt
         shares.append(EncryptedShare(me, v, nonce, ciphertext))
     out = _sign(state, ShareKeys(me, session_id, roster.round_index, tuple(shares)))
     new = replace(state, stage=Stage.SHARE_KEYS, roster=roster, session_id=session_id, members=members, index=index,
-                  neighbours=neighbours, neighbour_keys=keys, held_shares={me: own_share},
+                  neighbours=neighbours, held_shares={me: own_share},
                   deadline=now + state.config.stage_timeout)
     return new, [out]
 
@@ -291,7 +289,7 @@ def _share_keys(state: ClientState, message: object, now: float) -> tuple[Client
         raise _unexpected(state, message)
     _check_server_message(state, message)
     me = state.config.device_id
-    adverts = state.neighbour_keys
+    adverts = {key.device_id: key for key in state.roster.neighbours}
     senders: list[str] = []
     held: dict[str, SharePlaintext] = {me: state.held_shares[me]}
     rejected: list[str] = []

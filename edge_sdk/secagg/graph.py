@@ -48,19 +48,36 @@ def ring_order(n: int, session_id: bytes) -> list[int]:
     return order
 
 
-def neighbour_graph(members: Sequence[str], degree: int, session_id: bytes) -> dict[str, tuple[str, ...]]:
-    """Each member's neighbours (sorted), for a roster sorted by device id."""
+def _check(members: Sequence[str], degree: int) -> bool:
+    """Validate (members, degree); True when the graph is complete."""
     n = len(members)
     if len(set(members)) != n:
         raise SecAggConfigError("roster members must be distinct")
     if degree >= n - 1:
-        return {m: tuple(sorted(x for x in members if x != m)) for m in members}
+        return True
     if degree < 2 or degree % 2:
         raise SecAggConfigError(f"a Harary graph needs an even degree >= 2 below n - 1, got k={degree}, n={n}")
-    order = ring_order(n, session_id)
-    half = degree // 2
-    graph = {}
-    for position, member_index in enumerate(order):
-        around = [order[(position + step) % n] for step in range(-half, half + 1) if step != 0]
-        graph[members[member_index]] = tuple(sorted(members[i] for i in around))
-    return graph
+    return False
+
+
+def _around(order: Sequence[int], position: int, degree: int) -> list[int]:
+    n, half = len(order), degree // 2
+    return [order[(position + step) % n] for step in range(-half, half + 1) if step != 0]
+
+
+def neighbour_graph(members: Sequence[str], degree: int, session_id: bytes) -> dict[str, tuple[str, ...]]:
+    """Each member's neighbours (sorted), for a roster sorted by device id: what the server needs."""
+    if _check(members, degree):
+        return {m: tuple(sorted(x for x in members if x != m)) for m in members}
+    order = ring_order(len(members), session_id)
+    return {members[member_index]: tuple(sorted(members[i] for i in _around(order, position, degree)))
+            for position, member_index in enumerate(order)}
+
+
+def neighbours_of(members: Sequence[str], degree: int, session_id: bytes, member: str) -> tuple[str, ...]:
+    """One member's neighbours (sorted): what a device needs, without building all n neighbourhoods."""
+    if _check(members, degree):
+        return tuple(x for x in sorted(members) if x != member)
+    order = ring_order(len(members), session_id)
+    position = order.index(members.index(member))
+    return tuple(sorted(members[i] for i in _around(order, position, degree)))

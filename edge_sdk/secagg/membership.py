@@ -1,7 +1,7 @@
 """Sets of devices on the wire: bitmaps over an ordered universe, and the enrolment directory's digest.
 
-Why bitmaps: the roster, the survivor set and the unmask request each name a subset of devices
-every device already knows (the enrolment directory, or the roster's members). Listing ids costs
+Why bitmaps: the roster and the survivor set each name a subset of devices every device already
+knows (the enrolment directory, or the roster's members). Listing ids costs
 about 9 bytes a device and made the downlink grow with n; a bitmap costs one bit. The universe is
 always sorted by device id, so both sides number devices the same way. The directory digest in the
 roster lets a device whose directory is out of date say so, instead of misreading the bitmap.

@@ -8,7 +8,7 @@ import pytest
 from scipy.stats import hypergeom
 
 from edge_sdk.secagg.errors import SecAggConfigError
-from edge_sdk.secagg.graph import neighbour_graph, ring_order
+from edge_sdk.secagg.graph import neighbour_graph, neighbours_of, ring_order
 from edge_sdk.secagg.parameters import choose_parameters, hypergeometric_tail
 
 MEMBERS = [f"d{i:03d}" for i in range(50)]
@@ -26,6 +26,12 @@ def test_graph_is_fixed_by_the_session_id_and_changes_with_it():
     a = neighbour_graph(MEMBERS, 8, b"\x01" * 32)
     assert neighbour_graph(MEMBERS, 8, b"\x01" * 32) == a
     assert neighbour_graph(MEMBERS, 8, b"\x02" * 32) != a
+
+
+@pytest.mark.parametrize(("n", "k"), [(50, 8), (50, 2), (5, 4), (5, 30)], ids=["sparse", "ring", "full", "k>n"])
+def test_one_devices_neighbours_match_the_servers_whole_graph(n, k):
+    graph = neighbour_graph(MEMBERS[:n], k, b"\x03" * 32)
+    assert {m: neighbours_of(MEMBERS[:n], k, b"\x03" * 32, m) for m in MEMBERS[:n]} == graph
 
 
 def test_ring_order_is_a_permutation_drawn_without_bias_towards_identity():

@@ -329,7 +329,6 @@ def test_a_substituted_key_is_caught_by_each_neighbour_that_would_use_it_and_the
 def test_a_device_with_another_enrolment_directory_refuses_the_roster_and_says_why():
     devices, fleet, config, inputs = setup(5, 4, 2)
     stale = {d: k for d, k in fleet.enrolled.items() if d != devices[4]}  # missed one enrolment
-    config = dataclasses.replace(config, enrolled=fleet.enrolled)
     server, starts = start_server(config, tuple(devices[:4]), 1, now=0.0)
     client = start_client(dataclasses.replace(fleet.client_config(devices[0]), enrolled=stale), inputs[devices[0]],
                           now=0.0, round_index=1)
