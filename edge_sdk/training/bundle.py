@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -87,6 +88,13 @@ class ParameterSpec:
         )
 
 
+def _positive_finite(value: Any, what: str) -> float:
+    number = float(value)
+    if not math.isfinite(number) or number <= 0.0:
+        raise ValueError(f"{what} is {value!r}; it must be a positive finite number")
+    return number
+
+
 @dataclass(frozen=True)
 class StateSpec:
     """One optimiser-state tensor (momentum velocity, Adam m or v) of one trainable parameter.
@@ -115,7 +123,7 @@ class StateSpec:
             dtype=str(d["dtype"]),
             input=str(d["input"]),
             output=str(d["output"]),
-            scale=float(d.get("scale", 1.0)),
+            scale=_positive_finite(d.get("scale", 1.0), f"state {d['name']!r} scale"),
         )
 
 

@@ -175,10 +175,7 @@ class TrainingState:
         Values are torch.optim's (e.g. ``exp_avg_sq``), whatever scale the graph stores them at.
         """
         current = self._opt[self._current]
-        return {
-            s.name: current[s.name].copy() if s.scale == 1.0 else current[s.name] / current[s.name].dtype.type(s.scale)
-            for s in self._state_specs
-        }
+        return {s.name: current[s.name] / current[s.name].dtype.type(s.scale) for s in self._state_specs}
 
     def reset_optimizer_state(self) -> None:
         """Zero the optimiser state and restart the step count (Adam's bias correction restarts too)."""

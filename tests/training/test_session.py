@@ -102,6 +102,16 @@ def test_manifest_naming_an_input_the_graph_lacks_is_a_typed_error(mlp_bundle, t
         ModelSession.open(bundle)
 
 
+@pytest.mark.parametrize("scale", [0, -1.5, "nan", "inf"])
+def test_manifest_with_an_unusable_optimizer_state_scale_is_refused(adam64_bundle, tmp_path, scale):
+    bundle = copy_bundle(adam64_bundle, tmp_path / "b")
+    manifest = json.loads((bundle / MANIFEST_FILE).read_text())
+    manifest["state"][0]["scale"] = scale
+    (bundle / MANIFEST_FILE).write_text(json.dumps(manifest))
+    with pytest.raises(BundleError, match="scale is .*it must be a positive finite number"):
+        load_bundle(bundle)
+
+
 def test_pool_threads_do_not_spin_unless_asked(mlp_bundle):
     bundle = load_bundle(mlp_bundle)
     quiet = ModelSession(bundle, SessionOptions(threads=2))
