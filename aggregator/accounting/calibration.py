@@ -26,11 +26,14 @@ from aggregator.accounting.events import round_dp_event
 from edge_sdk.errors import ConfigError
 from edge_sdk.privacy.encoding import MAX_BITS, EncodingParams
 from edge_sdk.privacy.noise import NOISE_MECHANISMS
+from edge_sdk.privacy.noise_floor import honest_contributors
 from edge_sdk.privacy.participation import participation_event
 from edge_sdk.privacy.rotation import padded_dimension
 from edge_sdk.privacy.rounding import DEFAULT_BETA
 
 log = logging.getLogger(__name__)
+
+__all__ = ["Calibration", "calibrate", "honest_contributors", "smallest_gamma", "wrap_probability"]
 
 DEFAULT_CLIP = 1.0
 MAX_WRAP_PROBABILITY = 1e-4
@@ -53,11 +56,6 @@ class Calibration:
     delta: float
     wrap_probability: float
     warnings: tuple[str, ...]
-
-
-def honest_contributors(cohort_size: int, dropout_fraction: float, colluding_fraction: float) -> int:
-    """t_honest: the devices a round can count on to add honest noise (survivors minus colluders)."""
-    return math.floor(cohort_size * (1.0 - dropout_fraction - colluding_fraction) + 1e-9)
 
 
 def wrap_probability(gamma: float, clip: float, noise_multiplier: float, cohort: int, t_honest: int,

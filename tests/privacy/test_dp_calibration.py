@@ -6,12 +6,16 @@ import logging
 import math
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from aggregator.accounting.accountant import epsilon_of
-from aggregator.accounting.calibration import calibrate, honest_contributors
+from aggregator.accounting.calibration import calibrate
+from aggregator.accounting.calibration import honest_contributors as calibration_honest_contributors
 from aggregator.accounting.events import round_dp_event
 from edge_sdk.errors import ConfigError
 from edge_sdk.privacy.encoding import EncodingParams
+from edge_sdk.privacy.noise_floor import expected_count, honest_contributors
 from edge_sdk.privacy.participation import participation_event
 
 BASE = dict(target_epsilon=3.0, delta=1e-6, cohort_size=100, rounds=100, dim=10**5, bits=20, population=10**5,
@@ -92,3 +96,19 @@ def test_honest_contributors_discounts_dropouts_and_colluders():
     assert honest_contributors(100, 0.05, 0.05) == 90
     assert honest_contributors(1000, 0.1, 0.2) == 700
     assert honest_contributors(3, 0.5, 0.0) == 1
+
+
+def test_honest_contributors_rounds_dropouts_and_colluders_up_like_the_secagg_finder():
+    # 0.5 of a dropout and 0.5 of a colluder are one of each: 8 honest survivors at n = 10, not 9.
+    assert honest_contributors(10, 0.05, 0.05) == 8
+    assert honest_contributors(10, 0.0, 0.0) == 10
+    assert calibrate(**{**BASE, "cohort_size": 10}).honest_contributors == 8
+    assert calibration_honest_contributors is honest_contributors
+
+
+@settings(max_examples=200, deadline=None)
+@given(n=st.integers(1, 10**6), fraction=st.floats(0.0, 0.999))
+def test_expected_count_is_the_ceiling_of_the_expected_number(n, fraction):
+    count = expected_count(fraction, n)
+    assert count >= fraction * n - 1e-9 and count - 1 < fraction * n - 1e-9
+    assert 0 <= count <= n
