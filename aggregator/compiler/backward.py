@@ -9,7 +9,7 @@ import numpy as np
 import onnx
 
 # Importing the rule modules registers their rules in RULES.
-from aggregator.compiler import rules_dense, rules_spatial  # noqa: F401
+from aggregator.compiler import rules_dense, rules_recurrent, rules_spatial  # noqa: F401
 from aggregator.compiler.emitter import Emitter
 from aggregator.compiler.errors import UnsupportedOpError
 from aggregator.compiler.grad_context import RULES, GradContext, describe
