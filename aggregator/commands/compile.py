@@ -1,4 +1,10 @@
-"""``fleetlearn compile``: turn an ONNX inference model into a training bundle for devices."""
+"""``fleetlearn compile``: turn an ONNX inference model into a training bundle for devices.
+
+The bundle is built in a temporary directory beside ``--out`` and checked by loading both graphs
+in onnxruntime (so a graph onnxruntime cannot run, such as a float64 Conv, fails here rather than
+on the device), then renamed into place. ``--out`` must not exist, or be an empty directory; an
+existing bundle is replaced only with ``--force``, and nothing else is ever overwritten.
+"""
 
 from __future__ import annotations
 
@@ -6,8 +12,11 @@ import argparse
 import json
 import sys
 
+from edge_sdk.commands._arguments import finite_float
+
 NAME = "compile"
 HELP = "compile an ONNX inference model into a training bundle (train_step.onnx, eval.onnx, manifest)"
+EXTRA = "host"
 
 LOSSES = ("cross_entropy", "mse")
 OPTIMIZERS = ("sgd", "momentum", "adam", "adamw")
@@ -16,7 +25,9 @@ HYPERPARAMETERS = ("momentum", "beta1", "beta2", "eps", "weight_decay")
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("model", metavar="MODEL.onnx", help="inference model (opset 13-21, e.g. torch.onnx.export)")
-    parser.add_argument("--out", required=True, metavar="BUNDLE", help="output bundle directory")
+    parser.add_argument("--out", required=True, metavar="BUNDLE",
+                        help="output bundle directory: new, empty, or (with --force) an existing bundle")
+    parser.add_argument("--force", action="store_true", help="replace an existing bundle at --out")
     parser.add_argument("--loss", required=True, choices=LOSSES, help="cross_entropy on logits, or mse")
     parser.add_argument("--optimizer", required=True, choices=OPTIMIZERS,
                         help="fused update, following torch.optim's conventions")
@@ -25,12 +36,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="train only parameters whose name equals or starts with a PREFIX; the rest are frozen constants "
              "(default: train all)",
     )
-    parser.add_argument("--momentum", type=float, help="momentum factor (momentum; default 0.9)")
-    parser.add_argument("--beta1", type=float, help="Adam beta1 (default 0.9)")
-    parser.add_argument("--beta2", type=float, help="Adam beta2 (default 0.999)")
-    parser.add_argument("--eps", type=float, help="Adam epsilon (default 1e-8)")
+    parser.add_argument("--momentum", type=finite_float(0.0), help="momentum factor (momentum; default 0.9)")
+    parser.add_argument("--beta1", type=finite_float(0.0), help="Adam beta1 (default 0.9)")
+    parser.add_argument("--beta2", type=finite_float(0.0), help="Adam beta2 (default 0.999)")
+    parser.add_argument("--eps", type=finite_float(0.0), help="Adam epsilon (default 1e-8)")
     parser.add_argument(
-        "--weight-decay", type=float,
+        "--weight-decay", type=finite_float(0.0),
         help="L2 penalty added to the gradient (sgd, momentum, adam; default 0) or decoupled decay (adamw; "
              "default 0.01)",
     )
@@ -41,16 +52,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from aggregator.commands._bundle_output import BundleOutput
     from aggregator.compiler import compile_model
     from aggregator.compiler.errors import CompileError
 
     params = {name: getattr(args, name) for name in HYPERPARAMETERS if getattr(args, name) is not None}
     if "momentum" in params and args.optimizer != "momentum":
         raise CompileError(f"--momentum applies to --optimizer momentum, not {args.optimizer}")
-    manifest = compile_model(
-        args.model, args.out, loss=args.loss, optimizer=args.optimizer, optimizer_params=params,
-        trainable=args.trainable, dtype=args.dtype, output=args.output,
-    )
+    output = BundleOutput(args.out, model=args.model, force=args.force)
+    with output.staging() as staging:
+        manifest = compile_model(
+            args.model, staging, loss=args.loss, optimizer=args.optimizer, optimizer_params=params,
+            trainable=args.trainable, dtype=args.dtype, output=args.output,
+        )
     summary = {
         "bundle": str(args.out),
         "opset": manifest.opset,

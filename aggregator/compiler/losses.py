@@ -30,6 +30,11 @@ def _cross_entropy(em: Emitter, logits: str, labels: str, shape: tuple, with_gra
             f"cross_entropy needs the model output to be logits of shape [N, classes], got {list(shape)}"
         )
     classes = int(shape[1])
+    if classes < 2:
+        raise CompileError(
+            f"cross_entropy needs at least 2 classes, but the model output has shape {list(shape)}: softmax over "
+            "one logit is always 1 (accuracy 1.0, zero gradient); use --loss mse, or give the model 2 outputs"
+        )
     log_prob = em.node("LogSoftmax", [logits], hint="log_prob", axis=1)
     label_col = em.unsqueeze(labels, [1])
     picked = em.node("GatherElements", [log_prob, label_col], hint="picked", axis=1)

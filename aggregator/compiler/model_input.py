@@ -62,8 +62,11 @@ def load_model(model: onnx.ModelProto | str | Path) -> tuple[onnx.ModelProto, st
     if any(t.data_location == onnx.TensorProto.EXTERNAL for t in proto.graph.initializer):
         try:
             onnx.external_data_helper.load_external_data_for_model(proto, str(path.parent))
-        except (OSError, ValueError) as exc:
-            raise CompileError(f"cannot load the external weights of {path}: {exc}") from exc
+        except (OSError, ValueError, onnx.checker.ValidationError) as exc:
+            raise CompileError(
+                f"cannot load the external weights of {path} (an exporter writes them to a .onnx.data file "
+                f"beside the model: copy it along): {exc}"
+            ) from exc
     return proto, str(path)
 
 

@@ -15,6 +15,7 @@ Adam's v is stored scaled (see ``state_scales``); every other state tensor is st
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -63,6 +64,8 @@ def resolve_hyperparameters(optimizer: str, params: dict | None) -> dict[str, fl
             resolved[key] = float(value)
         except (TypeError, ValueError) as exc:
             raise CompileError(f"hyper-parameter {key}={value!r} is not a number") from exc
+        if not math.isfinite(resolved[key]):
+            raise CompileError(f"hyper-parameter {key}={value!r} must be a finite number")
     for key in ("beta1", "beta2", "momentum"):
         if key in resolved and not 0.0 <= resolved[key] < 1.0:
             raise CompileError(f"{key} must be in [0, 1), got {resolved[key]}")

@@ -9,7 +9,7 @@ import onnx
 import pytest
 
 from aggregator import model_zoo
-from aggregator.cli import main
+from edge_sdk.cli import main
 from edge_sdk.training.bundle import load_bundle
 
 
@@ -40,12 +40,23 @@ def test_compile_writes_a_verified_bundle_with_the_requested_options(model_path,
     assert bundle.initial_params["head.0.weight"].dtype == np.float32
 
 
-def test_compile_float64_bundle(model_path, tmp_path):
+def test_compile_float64_bundle(tmp_path):
+    model_path = tmp_path / "regression.onnx"
+    onnx.save(model_zoo.regression(), model_path)
     out = tmp_path / "bundle64"
     assert main(["compile", str(model_path), "--out", str(out), "--loss", "mse", "--optimizer", "sgd",
                  "--dtype", "float64"]) == 0
     m = load_bundle(out).manifest
     assert m.x.dtype == "float64" and m.y.dtype == "float64" and m.y.shape == (None, 3)
+
+
+def test_compile_refuses_float64_for_a_conv_model_onnxruntime_cannot_run(model_path, tmp_path, capsys):
+    out = tmp_path / "bundle64"
+    assert main(["compile", str(model_path), "--out", str(out), "--loss", "mse", "--optimizer", "sgd",
+                 "--dtype", "float64"]) == 2
+    err = capsys.readouterr().err
+    assert "NOT_IMPLEMENTED" in err and "Conv" in err and "--dtype float32" in err
+    assert not out.exists() and list(tmp_path.iterdir()) == [model_path]
 
 
 def test_compile_reports_a_corrupt_model_in_one_line(tmp_path, capsys):
