@@ -1,8 +1,9 @@
 """Device profiles: per-hardware settings a device reads at start-up.
 
-A profile is a small JSON file (see ``firmware_configs/profiles/``). It fixes the knobs that
-depend on the hardware: onnxruntime threads, batch size, how many local epochs a round may
-take, and the device's privacy budget. Invalid values are a ``ConfigError`` naming the field,
+A profile is a small JSON file. The bundled ones live in ``edge_sdk/profiles/`` and ship in the
+wheel as package data (``firmware_configs/profiles`` is a link to that directory, the one copy).
+It fixes the knobs that depend on the hardware: onnxruntime threads, batch size, how many local
+epochs a round may take, and the device's privacy budget. Invalid values are a ``ConfigError`` naming the field,
 so a typo fails at start-up instead of mid-round.
 """
 
@@ -16,7 +17,7 @@ from typing import Any
 
 from edge_sdk.errors import ConfigError
 
-PROFILES_DIR = Path(__file__).resolve().parents[1] / "firmware_configs" / "profiles"
+PROFILES_DIR = Path(__file__).resolve().parent / "profiles"
 
 
 @dataclass(frozen=True)
@@ -56,7 +57,7 @@ class DeviceProfile:
 
 
 def load_profile(name_or_path: str | os.PathLike[str]) -> DeviceProfile:
-    """Load a profile by file path, or by name from ``firmware_configs/profiles``."""
+    """Load a profile by file path (anything with a suffix), or by name from the bundled profiles."""
     path = Path(name_or_path)
     if not path.suffix:
         path = PROFILES_DIR / f"{name_or_path}.json"
@@ -65,6 +66,8 @@ def load_profile(name_or_path: str | os.PathLike[str]) -> DeviceProfile:
         raise ConfigError(f"device profile {str(name_or_path)!r} not found; bundled profiles: {available}")
     try:
         data = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"cannot read device profile {path}: {exc}") from exc
     except json.JSONDecodeError as exc:
         raise ConfigError(f"device profile {path} is not valid JSON: {exc}") from exc
     if not isinstance(data, dict):

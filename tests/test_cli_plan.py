@@ -2,7 +2,7 @@
 
 import json
 
-from aggregator.cli import main
+from edge_sdk.cli import main
 
 BASE = ["plan", "--delta", "1e-6", "--cohort", "100", "--population", "10000", "--rounds", "50", "--dim", "4096"]
 

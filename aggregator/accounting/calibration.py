@@ -24,7 +24,8 @@ from dataclasses import dataclass
 from aggregator.accounting.accountant import epsilon_of
 from aggregator.accounting.events import round_dp_event
 from edge_sdk.errors import ConfigError
-from edge_sdk.privacy.encoding import MAX_BITS, EncodingParams
+from edge_sdk.modulus import check_bits
+from edge_sdk.privacy.encoding import EncodingParams
 from edge_sdk.privacy.noise import NOISE_MECHANISMS
 from edge_sdk.privacy.noise_floor import honest_contributors
 from edge_sdk.privacy.participation import participation_event
@@ -100,8 +101,7 @@ def _validate(target_epsilon, delta, cohort_size, rounds, dim, bits, population,
         raise ConfigError(f"rounds must be >= 1, got {rounds}")
     if dim < 1:
         raise ConfigError(f"dim must be >= 1, got {dim}")
-    if not 2 <= bits <= MAX_BITS:
-        raise ConfigError(f"bits must be in [2, {MAX_BITS}], got {bits}")
+    check_bits(bits)
     if not 0.0 <= dropout_fraction < 1.0:
         raise ConfigError(f"dropout_fraction must be in [0, 1), got {dropout_fraction}")
     if not 0.0 <= colluding_fraction < 1.0:

@@ -1,1 +1,1 @@
-"""Host-side CLI subcommands; each module is one ``fleetlearn`` subcommand (see aggregator.cli)."""
+"""Host-side CLI subcommands; each module is one ``fleetlearn`` subcommand (see edge_sdk.cli)."""

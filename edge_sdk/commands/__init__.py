@@ -1,1 +1,1 @@
-"""Device-side CLI subcommands; each module is one ``fleetlearn`` subcommand (see aggregator.cli)."""
+"""Device-side CLI subcommands; each module is one ``fleetlearn`` subcommand (see edge_sdk.cli)."""

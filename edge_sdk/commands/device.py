@@ -1,28 +1,89 @@
-"""``fleetlearn device budget``: how much privacy this device has spent, from its ledger."""
+"""``fleetlearn device``: this device's privacy ledger, created with ``init`` and read with ``budget``."""
 
 from __future__ import annotations
 
 import argparse
 import json
 import sys
+from pathlib import Path
+
+from edge_sdk.commands._arguments import finite_float
 
 NAME = "device"
-HELP = "inspect this device's state (privacy budget)"
+HELP = "this device's state: create its privacy ledger (init) and show the budget spent (budget)"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    sub = parser.add_subparsers(dest="device_command", metavar="ACTION", required=True)
+    sub = parser.add_subparsers(dest="device_command", metavar="ACTION", required=True,
+                                parser_class=type(parser))
+    init = sub.add_parser(
+        "init", help="create a privacy ledger with a budget (epsilon, delta); an existing ledger is never touched"
+    )
+    init.add_argument("--ledger", required=True, metavar="PATH", help="the ledger file to create")
+    init.add_argument("--profile", metavar="NAME|FILE.json",
+                      help="take the budget from this device profile's epsilon_budget and delta")
+    init.add_argument("--epsilon", type=finite_float(0.0, exclusive=True), help="the budget epsilon (> 0)")
+    init.add_argument("--delta", type=float, help="the budget delta, in (0, 1)")
     budget = sub.add_parser("budget", help="show the epsilon spent and left, from the privacy ledger")
     budget.add_argument("--ledger", required=True, metavar="PATH", help="the device's privacy ledger file")
     budget.add_argument("--json", action="store_true", help="print one JSON object instead of text")
 
 
-def run(args: argparse.Namespace) -> int:
-    from edge_sdk.privacy.ledger import DeviceLedger
+def _ledger_file(path_text: str, *, must_exist: bool) -> Path:
+    from edge_sdk.privacy import LedgerError
 
-    spend = DeviceLedger.snapshot(args.ledger).spent()
+    path = Path(path_text)
+    if path.is_dir():
+        raise LedgerError(f"--ledger {path_text} is a directory; give the ledger file, e.g. {path / 'privacy.ledger'}")
+    if must_exist and not path.exists():
+        raise LedgerError(f"--ledger {path_text}: no privacy ledger there; create one with `fleetlearn device init`")
+    if not must_exist and path.exists():
+        raise LedgerError(
+            f"--ledger {path_text} already exists and is left as it is; `fleetlearn device budget` shows it"
+        )
+    if not path.parent.is_dir():
+        raise LedgerError(f"--ledger {path_text}: directory {path.parent} does not exist; create it first")
+    return path
+
+
+def _init(args: argparse.Namespace) -> int:
+    from edge_sdk.config import load_profile
+    from edge_sdk.errors import ConfigError
+    from edge_sdk.privacy import DeviceLedger
+
+    if args.profile is not None:
+        if args.epsilon is not None or args.delta is not None:
+            raise ConfigError("give --profile or --epsilon with --delta, not both")
+        profile = load_profile(args.profile)
+        epsilon, delta = profile.epsilon_budget, profile.delta
+    elif args.epsilon is None or args.delta is None:
+        raise ConfigError("give the budget as --epsilon E --delta D, or name a --profile")
+    else:
+        epsilon, delta = args.epsilon, args.delta
+        if not 0.0 < delta < 1.0:
+            raise ConfigError(f"--delta must be in (0, 1), got {delta}")
+    path = _ledger_file(args.ledger, must_exist=False)
+    try:
+        with DeviceLedger.open(path, epsilon, delta) as ledger:
+            spend = ledger.spent()
+    except OSError as exc:
+        raise ConfigError(f"--ledger {args.ledger}: cannot create the ledger: {exc}") from exc
+    sys.stdout.write(
+        f"created privacy ledger {path}: budget epsilon={spend.budget_epsilon:g} delta={spend.delta:g}\n"
+    )
+    return 0
+
+
+def _budget(args: argparse.Namespace) -> int:
+    from edge_sdk.privacy import DeviceLedger, LedgerError
+
+    path = _ledger_file(args.ledger, must_exist=True)
+    try:
+        spend = DeviceLedger.snapshot(path).spent()
+    except OSError as exc:
+        raise LedgerError(f"--ledger {args.ledger}: cannot read the ledger: {exc}") from exc
     if args.json:
-        sys.stdout.write(json.dumps(spend.to_dict(), sort_keys=True) + "\n")
+        sys.stdout.write(json.dumps(spend.to_dict(), sort_keys=True, allow_nan=False) + "\n")
     else:
         sys.stdout.write(
             f"ledger:            {args.ledger}\n"
@@ -32,3 +93,7 @@ def run(args: argparse.Namespace) -> int:
             f"local-only eps:    {spend.local_epsilon:.4f} (if the device's own update were seen alone)\n"
         )
     return 0
+
+
+def run(args: argparse.Namespace) -> int:
+    return _init(args) if args.device_command == "init" else _budget(args)

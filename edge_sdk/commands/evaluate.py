@@ -1,40 +1,76 @@
-"""``fleetlearn evaluate``: loss (and accuracy, for classifiers) of a bundle on an .npz dataset."""
+"""``fleetlearn evaluate``: loss (and accuracy, for classifiers) of a bundle on an .npz dataset.
+
+Non-finite features or parameters are refused rather than reported as ``loss nan``, so the
+output, text or ``--json``, always holds real numbers.
+"""
 
 from __future__ import annotations
 
 import argparse
+
+from edge_sdk.commands._arguments import add_bundle_arguments, integer_at_least
 
 NAME = "evaluate"
 HELP = "report loss (and accuracy for classification) of a bundle on FILE.npz (arrays x, y)"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("bundle", metavar="BUNDLE", help="training bundle directory (from `fleetlearn compile`)")
-    parser.add_argument("--data", required=True, metavar="FILE.npz", help="evaluation data: arrays x and y")
+    add_bundle_arguments(parser, "evaluation data: arrays x and y")
     parser.add_argument(
         "--params", metavar="PARAMS.npz", help="parameters to evaluate (default: the bundle's initial ones)"
     )
-    parser.add_argument("--threads", type=int, default=1, help="onnxruntime intra-op threads (default 1)")
-    parser.add_argument("--batch-size", type=int, default=1024, help="examples per evaluation batch")
+    parser.add_argument("--batch-size", type=integer_at_least(1), default=1024,
+                        help="examples per evaluation batch (default 1024)")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of text")
+
+
+def _count_non_finite(array) -> int:
+    import numpy as np
+
+    return int(array.size - np.count_nonzero(np.isfinite(array)))
 
 
 def run(args: argparse.Namespace) -> int:
     import json
-    from pathlib import Path
+    import math
 
-    from edge_sdk.training.bundle import load_params_npz
-    from edge_sdk.training.data import load_dataset_npz, prepare_dataset
-    from edge_sdk.training.loop import evaluate
-    from edge_sdk.training.session import ModelSession
-    from edge_sdk.training.state import TrainingState
+    from edge_sdk.config import load_profile
+    from edge_sdk.training import (
+        DataError,
+        ModelSession,
+        ParameterError,
+        TrainingState,
+        evaluate,
+        load_dataset_npz,
+        load_params_npz,
+        prepare_dataset,
+    )
 
-    session = ModelSession.open(args.bundle, threads=args.threads)
+    profile = load_profile(args.profile) if args.profile else None
+    threads = args.threads or (profile.threads if profile else 1)
+    session = ModelSession.open(args.bundle, threads=threads)
     data = prepare_dataset(session.manifest, *load_dataset_npz(args.data))
-    state = TrainingState(session, load_params_npz(Path(args.params)) if args.params else None)
+    bad = _count_non_finite(data.x)
+    if bad:
+        raise DataError(f"--data {args.data}: x holds {bad} NaN or infinite value(s); clean the data first")
+    if data.y.dtype.kind == "f" and _count_non_finite(data.y):
+        raise DataError(f"--data {args.data}: y holds NaN or infinite target(s); clean the data first")
+    params = load_params_npz(args.params) if args.params else None
+    for name, value in (params or {}).items():
+        if value.dtype.kind == "f" and _count_non_finite(value):
+            raise ParameterError(
+                f"--params {args.params}: parameter {name!r} holds {_count_non_finite(value)} NaN or infinite "
+                "value(s); these parameters come from a diverged run"
+            )
+    state = TrainingState(session, params)
     result = evaluate(state, data, batch_size=args.batch_size)
+    if not math.isfinite(result.loss):
+        raise ParameterError(
+            f"the loss on {args.data} overflowed to {result.loss}: the parameters are too large for this data"
+        )
     if args.json:
-        print(json.dumps({"loss": result.loss, "accuracy": result.accuracy, "examples": result.examples}))
+        record = {"loss": result.loss, "accuracy": result.accuracy, "examples": result.examples}
+        print(json.dumps(record, allow_nan=False))
     else:
         line = f"loss {result.loss:.6f}"
         if result.accuracy is not None:

@@ -19,13 +19,13 @@ from dataclasses import dataclass
 import numpy as np
 
 from edge_sdk.errors import ConfigError
+from edge_sdk.modulus import check_bits
 from edge_sdk.privacy.noise import NoiseMechanism
 from edge_sdk.privacy.rotation import RandomizedHadamard, padded_dimension
 from edge_sdk.privacy.rounding import DEFAULT_BETA, conditional_stochastic_round, rounded_l2_bound
 
 log = logging.getLogger(__name__)
 
-MAX_BITS = 32  # the vectors are np.uint32
 _FLOAT32_EXACT_INTS = 1 << 24
 
 
@@ -47,8 +47,7 @@ class EncodingParams:
             raise ConfigError(f"clip (the L2 bound C) must be a finite number > 0, got {self.clip}")
         if not (self.gamma > 0 and math.isfinite(self.gamma)):
             raise ConfigError(f"gamma (the quantisation step) must be a finite number > 0, got {self.gamma}")
-        if not 2 <= self.bits <= MAX_BITS:
-            raise ConfigError(f"bits must be in [2, {MAX_BITS}] for uint32 vectors, got {self.bits}")
+        check_bits(self.bits)
         if not 0.0 < self.beta < 1.0:
             raise ConfigError(f"beta must be in (0, 1), got {self.beta}")
         if len(self.rotation_seed) < 16:

@@ -17,12 +17,11 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
+from edge_sdk import modulus
 from edge_sdk.secagg.errors import SecAggConfigError
 
 SEED_BYTES = 32
 MASK_KEY_BYTES = 16
-MIN_BITS = 8
-MAX_BITS = 32
 _ZERO_COUNTER = bytes(16)
 _BLOCK = 16
 
@@ -35,10 +34,8 @@ class MaskPurpose(enum.Enum):
 
 
 def check_bits(bits: int) -> int:
-    """Return ``bits`` if it is a supported modulus exponent, else raise naming the range."""
-    if not isinstance(bits, int) or not MIN_BITS <= bits <= MAX_BITS:
-        raise SecAggConfigError(f"bits must be an integer in [{MIN_BITS}, {MAX_BITS}], got {bits!r}")
-    return bits
+    """Return ``bits`` if it is a supported modulus exponent (``edge_sdk.modulus``), else raise naming the range."""
+    return modulus.check_bits(bits, SecAggConfigError)
 
 
 def modulus_mask(bits: int) -> np.uint32:

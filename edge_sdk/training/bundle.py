@@ -21,6 +21,7 @@ import hashlib
 import json
 import math
 import os
+import zipfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -231,21 +232,28 @@ def sha256_file(path: Path) -> str:
 def load_params_npz(path: Path) -> dict[str, np.ndarray]:
     """Read a params file safely: numeric arrays only, never pickled objects."""
     try:
-        with np.load(path, allow_pickle=False) as data:
+        data = np.load(path, allow_pickle=False)
+        if not isinstance(data, np.lib.npyio.NpzFile):
+            raise BundleError(f"{path} holds a single array (.npy); parameters are an .npz keyed by name")
+        with data:
             return {name: np.ascontiguousarray(data[name]) for name in data.files}
-    except (OSError, ValueError, EOFError) as exc:
-        raise BundleError(f"cannot read parameters from {path}: {exc}") from exc
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as exc:
+        raise BundleError(f"cannot read parameters from {path} (truncated or corrupt?): {exc}") from exc
 
 
 def save_params_npz(path: Path, params: dict[str, np.ndarray]) -> None:
     """Write parameters keyed by ONNX initializer name, atomically (write, fsync, rename)."""
     path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        np.savez(f, **params)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        with open(tmp, "wb") as f:
+            np.savez(f, **params)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def write_bundle(

@@ -8,6 +8,7 @@ first step, or worse, train on garbage after a silent cast.
 from __future__ import annotations
 
 import os
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -40,15 +41,22 @@ def load_dataset_npz(path: str | os.PathLike[str]) -> tuple[np.ndarray, np.ndarr
     """Read arrays ``x`` and ``y`` from an .npz file (never unpickling objects)."""
     path = Path(path)
     try:
-        with np.load(path, allow_pickle=False) as data:
+        data = np.load(path, allow_pickle=False)
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as exc:
+        raise DataError(f"cannot read a dataset from {path}: {exc}") from exc
+    if not isinstance(data, np.lib.npyio.NpzFile):
+        raise DataError(f"{path} holds a single array (.npy); a dataset is an .npz with arrays x and y "
+                        "(np.savez(path, x=x, y=y))")
+    try:
+        with data:
             missing = [k for k in ("x", "y") if k not in data.files]
             if missing:
                 raise DataError(f"{path} lacks array(s) {missing}; it holds {sorted(data.files)}")
             return np.asarray(data["x"]), np.asarray(data["y"])
-    except (OSError, ValueError, EOFError) as exc:
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as exc:
         if isinstance(exc, DataError):
             raise
-        raise DataError(f"cannot read a dataset from {path}: {exc}") from exc
+        raise DataError(f"cannot read a dataset from {path} (truncated or corrupt?): {exc}") from exc
 
 
 def prepare_dataset(manifest: Manifest, x: np.ndarray, y: np.ndarray) -> Dataset:

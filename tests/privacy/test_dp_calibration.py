@@ -61,8 +61,8 @@ def test_a_gamma_that_wraps_too_often_is_warned_about():
 
 
 def test_too_few_bits_for_the_cohort_is_a_config_error():
-    with pytest.raises(ConfigError, match="bits=6 is too few for a cohort of 100"):
-        calibrate(**{**BASE, "bits": 6})
+    with pytest.raises(ConfigError, match="bits=8 is too few for a cohort of 2000"):
+        calibrate(**{**BASE, "bits": 8, "cohort_size": 2000})
 
 
 @pytest.mark.parametrize(

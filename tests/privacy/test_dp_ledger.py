@@ -16,7 +16,7 @@ import pytest
 
 from aggregator.accounting.accountant import epsilon_of
 from aggregator.accounting.events import round_dp_event
-from aggregator.cli import main as cli_main
+from edge_sdk.cli import main as cli_main
 from edge_sdk.errors import ConfigError
 from edge_sdk.privacy.encoding import EncodingParams
 from edge_sdk.privacy.ledger import (

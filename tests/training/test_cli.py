@@ -7,7 +7,7 @@ import json
 import numpy as np
 import pytest
 
-from aggregator.cli import main
+from edge_sdk.cli import main
 from edge_sdk.training.bundle import load_params_npz
 from edge_sdk.training.data import prepare_dataset
 from edge_sdk.training.loop import TrainConfig, train_local
