@@ -1,29 +1,39 @@
-# fleetlearn developer commands. `make demo` and `make test` are the whole set-up on a fresh machine.
+# fleetlearn developer commands. `make demo` and `make test` are the whole set-up on a fresh clone,
+# in either order. Each installs what it needs and records it in a stamp file inside .venv:
+#   demo: the host extra (compiler, accounting) and scikit-learn's digits, nothing else
+#   test, lint, bench: everything, including the CPU build of torch that tests compare against
 PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
-STAMP  := $(VENV)/.installed-stamp
+DEMO_STAMP := $(VENV)/.demo-installed
+FULL_STAMP := $(VENV)/.full-installed
 
 .PHONY: install test lint bench demo clean
 
-install: $(STAMP)
+install: $(FULL_STAMP)
 
-$(STAMP): pyproject.toml
-	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+$(PY):
+	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e '.[host,dev]'
-	touch $(STAMP)
 
-test: install
+$(DEMO_STAMP): pyproject.toml | $(PY)
+	$(PY) -m pip install --quiet -e '.[host,demo]'
+	touch $@
+
+$(FULL_STAMP): pyproject.toml | $(PY)
+	$(PY) -m pip install --quiet -e '.[host,demo,dev,torch]'
+	touch $@ $(DEMO_STAMP)
+
+test: $(FULL_STAMP)
 	$(PY) -m pytest -q
 
-lint: install
+lint: $(FULL_STAMP)
 	$(VENV)/bin/ruff check .
 
-bench: install
+bench: $(FULL_STAMP)
 	@set -e; for b in benchmarks/*.py; do echo "== $$b"; $(PY) $$b; done
 
-demo: install
+demo: $(DEMO_STAMP)
 	$(PY) examples/digits_local.py --epochs 10
 	$(PY) examples/federated_digits.py
 
