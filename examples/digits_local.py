@@ -22,10 +22,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from aggregator import model_zoo  # noqa: E402
 from aggregator.compiler import compile_model  # noqa: E402
-from edge_sdk.training.data import prepare_dataset  # noqa: E402
-from edge_sdk.training.loop import EpochReport, TrainConfig, evaluate, train_local  # noqa: E402
-from edge_sdk.training.session import ModelSession  # noqa: E402
-from edge_sdk.training.state import TrainingState  # noqa: E402
+from edge_sdk.training import (  # noqa: E402
+    EpochReport,
+    ModelSession,
+    TrainConfig,
+    TrainingState,
+    evaluate,
+    prepare_dataset,
+    train_local,
+)
 
 
 def split_digits(seed: int, test_fraction: float = 0.25):

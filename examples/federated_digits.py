@@ -29,17 +29,18 @@ from aggregator import model_zoo  # noqa: E402
 from aggregator.accounting.accountant import FleetAccountant  # noqa: E402
 from aggregator.accounting.calibration import calibrate  # noqa: E402
 from aggregator.compiler import compile_model  # noqa: E402
-from aggregator.secagg.driver import Fleet, run_session  # noqa: E402
-from aggregator.secagg.server import ServerConfig  # noqa: E402
-from edge_sdk.privacy.encoding import EncodingParams, decode_sum, encode_update  # noqa: E402
-from edge_sdk.privacy.ledger import DeviceLedger  # noqa: E402
-from edge_sdk.privacy.noise import fresh_noise_generator, noise_mechanism  # noqa: E402
-from edge_sdk.privacy.participation import participation_event  # noqa: E402
-from edge_sdk.secagg.messages import Stage  # noqa: E402
-from edge_sdk.training.data import prepare_dataset  # noqa: E402
-from edge_sdk.training.loop import TrainConfig, evaluate, train_local  # noqa: E402
-from edge_sdk.training.session import ModelSession  # noqa: E402
-from edge_sdk.training.state import TrainingState  # noqa: E402
+from aggregator.secagg import Fleet, ServerConfig, run_session  # noqa: E402
+from edge_sdk.privacy import (  # noqa: E402
+    DeviceLedger,
+    EncodingParams,
+    decode_sum,
+    encode_update,
+    fresh_noise_generator,
+    noise_mechanism,
+    participation_event,
+)
+from edge_sdk.secagg import Stage  # noqa: E402
+from edge_sdk.training import ModelSession, TrainConfig, TrainingState, evaluate, prepare_dataset, train_local  # noqa: E402
 
 
 def flatten(params: dict[str, np.ndarray], names: list[str]) -> np.ndarray:
@@ -138,8 +139,11 @@ def main() -> int:
             report = accountant.record_round(f"round-{round_index}", event, participants)
             state.set_params(global_params)
             result = evaluate(state, test)
-            print(f"round {round_index:2d}: {contributors}/{len(inputs)} devices summed "
-                  f"({len(dropped)} dropped at {stage.name}), test accuracy {result.accuracy:.3f}, "
+            # A device that vanishes at UNMASK has already uploaded its masked update, so the server
+            # reconstructs its masks and its update still counts; earlier, its update is lost.
+            when = "after uploading: still summed" if stage is Stage.UNMASK else "before uploading: not summed"
+            print(f"round {round_index:2d}: {contributors} of {len(inputs)} updates summed; {len(dropped)} devices "
+                  f"dropped at {stage.name} ({when}); test accuracy {result.accuracy:.3f}, "
                   f"fleet epsilon {report.epsilon:.2f}  ({time.perf_counter() - started:.1f}s)")
         spent = ledgers[device_ids[0]].spent()
         print(f"device {device_ids[0]} ledger: {spent.participations} participations, "
