@@ -73,9 +73,10 @@ class Fleet:
     def enrolled(self) -> Directory:
         return Directory({d: k.public for d, k in self.identities.items()})
 
-    def client_config(self, device_id: str, stage_timeout: float = 60.0) -> ClientConfig:
+    def client_config(self, device_id: str, stage_timeout: float = 60.0, **assumptions) -> ClientConfig:
+        """A device's config; ``assumptions`` (colluding_fraction, threat_model) override the defaults."""
         return ClientConfig(device_id, self.identities[device_id], self.server_identity.public, self.enrolled,
-                            stage_timeout=stage_timeout)
+                            stage_timeout=stage_timeout, **assumptions)
 
 
 @dataclass
@@ -110,12 +111,25 @@ def run_session(
     uplink_hook: Hook | None = None,
     downlink_hook: Hook | None = None,
     client_timeout: float = 600.0,
+    client_configs: Mapping[str, ClientConfig] | None = None,
+    ledger_heads: Mapping[str, bytes] | None = None,
 ) -> SessionOutcome:
-    """Run one round over the devices in ``inputs`` and return its outcome."""
+    """Run one round over the devices in ``inputs`` and return its outcome.
+
+    By default each device assumes the server's colluding fraction and threat model;
+    ``client_configs`` gives devices their own.
+    """
     drop_at = {stage: set(ids) for stage, ids in (drop_at or {}).items()}
     now = 0.0
     server, out = start_server(config, tuple(inputs), round_index, now)
-    clients = {d: start_client(fleet.client_config(d, client_timeout), inputs[d], now, round_index) for d in inputs}
+    configs = dict(client_configs or {})
+    for d in inputs:
+        configs.setdefault(d, fleet.client_config(d, client_timeout, colluding_fraction=config.colluding_fraction,
+                                                  threat_model=config.threat_model))
+    heads = ledger_heads or {}
+    clients = {d: start_client(configs[d], inputs[d], now, round_index, t_honest=server.noise_floor,
+                               **({"ledger_head": heads[d]} if d in heads else {}))
+               for d in inputs}
     silent: set[str] = set()
     outcome = SessionOutcome(server, clients, {d: 0 for d in inputs}, {d: 0 for d in inputs},
                              {d: 0 for d in inputs})

@@ -24,6 +24,8 @@ from edge_sdk.secagg.keys import SIGNATURE_BYTES, IdentityKey, verify_signature
 from edge_sdk.secagg.shamir import SHARE_BYTES
 from edge_sdk.secagg.share_cipher import NONCE_BYTES
 
+LEDGER_HEAD_BYTES = 40  # u64 sequence number and the SHA-256 of the ledger's last record
+
 SIGNING_DOMAIN = b"fleetlearn/secagg/v1/signed\x00"
 MAX_ID_BYTES = 128
 MAX_REASON_BYTES = 1024
@@ -176,13 +178,15 @@ def _neighbours_w(w: _Writer, v: tuple[m.NeighbourKey, ...], name: str) -> None:
         _id_w(w, key.device_id, name)
         w.fixed(key.c_public, 32, name)
         w.fixed(key.s_public, 32, name)
+        w.fixed(key.self_mask_commitment, 32, name)
         w.fixed(key.signature, SIGNATURE_BYTES, name)
 
 
 def _neighbours_r(r: _Reader, name: str) -> tuple[m.NeighbourKey, ...]:
     return tuple(
-        m.NeighbourKey(_id_r(r, name), r.fixed(32, name), r.fixed(32, name), r.fixed(SIGNATURE_BYTES, name))
-        for _ in range(r.count(name, 3 + 64 + SIGNATURE_BYTES))
+        m.NeighbourKey(_id_r(r, name), r.fixed(32, name), r.fixed(32, name), r.fixed(32, name),
+                       r.fixed(SIGNATURE_BYTES, name))
+        for _ in range(r.count(name, 3 + 96 + SIGNATURE_BYTES))
     )
 
 
@@ -215,26 +219,41 @@ _B32 = _fixed(32)
 _BITMAP = (lambda w, v, name: w.blob(v, MAX_BITMAP_BYTES, name), lambda r, name: r.blob(MAX_BITMAP_BYTES, name))
 _REASON = (lambda w, v, name: w.text(v, MAX_REASON_BYTES, name), lambda r, name: r.text(MAX_REASON_BYTES, name))
 
+_LEDGER_HEAD = _fixed(LEDGER_HEAD_BYTES)
+
+
+def _signatures_w(w: _Writer, v: tuple[bytes, ...], name: str) -> None:
+    w.count(len(v), name)
+    for sig in v:
+        w.fixed(sig, SIGNATURE_BYTES, name)
+
+
+def _signatures_r(r: _Reader, name: str) -> tuple[bytes, ...]:
+    return tuple(r.fixed(SIGNATURE_BYTES, name) for _ in range(r.count(name, SIGNATURE_BYTES)))
+
+
 # The roster fields every member receives alike: what the session id hashes.
 _ROSTER_SHARED = (("round_index", _U64), ("round_nonce", _B32), ("bits", _U8), ("vector_length", _U32),
-                  ("degree", _U32), ("threshold", _U32), ("directory_digest", _B32), ("members", _BITMAP))
+                  ("degree", _U32), ("threshold", _U32), ("directory_digest", _B32), ("cohort", _BITMAP),
+                  ("members", _BITMAP), ("noise_floor", _U32))
 
 _SCHEMAS: dict[type, tuple[int, tuple[tuple[str, Any], ...]]] = {
-    m.RoundStart: (1, (("round_index", _U64), ("round_nonce", _B32), ("bits", _U8), ("vector_length", _U32))),
+    m.RoundStart: (1, (("round_index", _U64), ("round_nonce", _B32), ("bits", _U8), ("vector_length", _U32),
+                       ("directory_digest", _B32), ("cohort", _BITMAP), ("noise_floor", _U32))),
     m.AdvertiseKeys: (2, (("device_id", _ID), ("round_index", _U64), ("round_nonce", _B32),
-                          ("c_public", _B32), ("s_public", _B32))),
+                          ("c_public", _B32), ("s_public", _B32), ("self_mask_commitment", _B32))),
     m.Roster: (3, (("receiver", _ID), *_ROSTER_SHARED, ("neighbours", (_neighbours_w, _neighbours_r)))),
     m.ShareKeys: (4, (("sender", _ID), ("session_id", _B32), ("round_index", _U64),
                       ("shares", (_shares_w, _shares_r)))),
-    m.ShareRelay: (5, (("receiver", _ID), ("session_id", _B32), ("round_index", _U64),
+    m.ShareRelay: (5, (("receiver", _ID), ("session_id", _B32), ("round_index", _U64), ("shared", _BITMAP),
                        ("shares", (_shares_w, _shares_r)))),
     m.MaskedInput: (6, (("sender", _ID), ("session_id", _B32), ("round_index", _U64), ("rejected", _IDS),
-                        ("masked", (_vector_w, _vector_r)))),
+                        ("ledger_head", _LEDGER_HEAD), ("masked", (_vector_w, _vector_r)))),
     m.SurvivorSet: (7, (("receiver", _ID), ("session_id", _B32), ("round_index", _U64), ("survivors", _BITMAP))),
     m.ConsistencyCheck: (8, (("sender", _ID), ("session_id", _B32), ("round_index", _U64),
                              ("survivors_digest", _B32))),
     m.UnmaskRequest: (9, (("receiver", _ID), ("session_id", _B32), ("round_index", _U64),
-                          ("consistency", (_pairs_w(SIGNATURE_BYTES), _pairs_r(SIGNATURE_BYTES))),
+                          ("signers", _BITMAP), ("signatures", (_signatures_w, _signatures_r)),
                           ("self_mask_owners", _IDS), ("mask_key_owners", _IDS))),
     m.UnmaskShares: (10, (("sender", _ID), ("session_id", _B32), ("round_index", _U64),
                           ("self_mask_shares", (_pairs_w(SHARE_BYTES), _pairs_r(SHARE_BYTES))),

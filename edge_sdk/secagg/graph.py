@@ -1,20 +1,28 @@
-"""The SecAgg+ neighbour graph: a random k-regular Harary graph fixed by the session id.
+"""Who holds whose shares, and who masks with whom: share holders drawn by each device itself.
 
-Why derived from the session id: the session id is a hash over the signed roster, so neither the
-server nor any device can steer who neighbours whom once keys are advertised, and every device
-recomputes the same graph on its own. Devices sit on a ring in an order drawn by Fisher-Yates
-with a SHA-256 counter-mode stream (a CSPRNG from hashlib, not numpy/random) and each connects
-to k/2 devices on either side. When k >= n - 1 every device neighbours every other.
+Why each device draws its own holders: a neighbour graph fixed by a seed the aggregator influences
+can be steered (a server grinding its nonce placed 5 chosen devices among a target's 12 neighbours
+in 144k tries). Here device u's k share holders are the first k entries of a permutation of the
+*cohort* (fixed and signed in RoundStart before u generated anything) drawn from u's own fresh
+advert: its two X25519 public keys and its self-mask commitment. The server cannot change that
+draw, and a colluding device cannot influence an honest device's draw at all; a prefix of one
+permutation is used, so no choice of k re-rolls it. Cohort members that never joined the roster
+simply count as dropped holders.
+
+Masks are pairwise over the undirected union of these choices: u masks with v when u chose v or v
+chose u (``mask_partners``). Every device can check a claimed partnership from the partner's signed
+advert, so the server cannot invent one. The stream is SHA-256 in counter mode with rejection
+sampling (a CSPRNG from hashlib, never numpy or random).
 """
 
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Sequence
+from collections.abc import Collection, Mapping, Sequence
 
 from edge_sdk.secagg.errors import SecAggConfigError
 
-_DOMAIN = b"fleetlearn/secagg/v1/neighbour-graph"
+_DOMAIN = b"fleetlearn/secagg/v2/share-holders|"
 
 
 class _HashStream:
@@ -38,46 +46,43 @@ class _HashStream:
                 return word % bound
 
 
-def ring_order(n: int, session_id: bytes) -> list[int]:
-    """A permutation of range(n) drawn from the session id (Fisher-Yates)."""
-    stream = _HashStream(hashlib.sha256(_DOMAIN + session_id).digest())
-    order = list(range(n))
-    for i in range(n - 1, 0, -1):
-        j = stream.below(i + 1)
-        order[i], order[j] = order[j], order[i]
-    return order
+def holder_seed(round_nonce: bytes, device_id: str, c_public: bytes, s_public: bytes, commitment: bytes) -> bytes:
+    """The seed of a device's holder draw: its own fresh advert, bound to the round and its id."""
+    raw = device_id.encode()
+    return hashlib.sha256(_DOMAIN + round_nonce + len(raw).to_bytes(2, "big") + raw
+                          + c_public + s_public + commitment).digest()
 
 
-def _check(members: Sequence[str], degree: int) -> bool:
-    """Validate (members, degree); True when the graph is complete."""
-    n = len(members)
-    if len(set(members)) != n:
-        raise SecAggConfigError("roster members must be distinct")
-    if degree >= n - 1:
-        return True
-    if degree < 2 or degree % 2:
-        raise SecAggConfigError(f"a Harary graph needs an even degree >= 2 below n - 1, got k={degree}, n={n}")
-    return False
+def share_holders(cohort: Sequence[str], position: int, degree: int, seed: bytes) -> tuple[str, ...]:
+    """The first ``degree`` of a seeded permutation of the cohort without ``cohort[position]``.
+
+    Partial Fisher-Yates over the indices, with the swaps kept in a dict: O(k) work and memory, so a
+    device can check a partner's draw without materialising the cohort.
+    """
+    others = len(cohort) - 1
+    if not 0 <= position <= others:
+        raise SecAggConfigError(f"cohort position {position} is outside a cohort of {len(cohort)}")
+    if degree < 1:
+        raise SecAggConfigError(f"share-holder count must be at least 1, got k={degree}")
+    stream = _HashStream(seed)
+    swapped: dict[int, int] = {}
+    chosen = []
+    for i in range(min(degree, others)):
+        j = i + stream.below(others - i)
+        pick = swapped.get(j, j)
+        swapped[j] = swapped.get(i, i)
+        chosen.append(cohort[pick + (pick >= position)])  # skip the device itself
+    return tuple(chosen)
 
 
-def _around(order: Sequence[int], position: int, degree: int) -> list[int]:
-    n, half = len(order), degree // 2
-    return [order[(position + step) % n] for step in range(-half, half + 1) if step != 0]
-
-
-def neighbour_graph(members: Sequence[str], degree: int, session_id: bytes) -> dict[str, tuple[str, ...]]:
-    """Each member's neighbours (sorted), for a roster sorted by device id: what the server needs."""
-    if _check(members, degree):
-        return {m: tuple(sorted(x for x in members if x != m)) for m in members}
-    order = ring_order(len(members), session_id)
-    return {members[member_index]: tuple(sorted(members[i] for i in _around(order, position, degree)))
-            for position, member_index in enumerate(order)}
-
-
-def neighbours_of(members: Sequence[str], degree: int, session_id: bytes, member: str) -> tuple[str, ...]:
-    """One member's neighbours (sorted): what a device needs, without building all n neighbourhoods."""
-    if _check(members, degree):
-        return tuple(x for x in sorted(members) if x != member)
-    order = ring_order(len(members), session_id)
-    position = order.index(members.index(member))
-    return tuple(sorted(members[i] for i in _around(order, position, degree)))
+def mask_partners(
+    holders: Mapping[str, Collection[str]], members: Collection[str]
+) -> dict[str, tuple[str, ...]]:
+    """Each member's partners (sorted): the members it chose as holders plus those that chose it."""
+    partners: dict[str, set[str]] = {m: set() for m in members}
+    for u in members:
+        for v in holders[u]:
+            if v in partners:
+                partners[u].add(v)
+                partners[v].add(u)
+    return {m: tuple(sorted(p)) for m, p in partners.items()}

@@ -8,6 +8,7 @@ the mask and the higher subtracts it, so the pair cancels in the sum.
 
 from __future__ import annotations
 
+import hashlib
 import struct
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -26,6 +27,14 @@ class MaskPeer:
     device_id: str
     index: int
     s_public: bytes
+
+
+def self_mask_commitment(seed: bytes) -> bytes:
+    """SHA-256 of the self-mask seed, advertised so a rebuilt seed (and a bad share) can be checked.
+
+    The seed is 32 uniformly random bytes, so the hash reveals nothing usable about it.
+    """
+    return hashlib.sha256(b"fleetlearn/secagg/v2/self-mask-commitment|" + seed).digest()
 
 
 def self_mask_key(seed: bytes, session_id: bytes, round_index: int) -> bytes:

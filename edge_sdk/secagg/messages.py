@@ -30,12 +30,18 @@ class Stage(enum.IntEnum):
 
 @dataclass(frozen=True)
 class RoundStart:
-    """Server -> devices: a round begins; ``round_nonce`` makes every advert fresh."""
+    """Server -> devices: a round begins; ``round_nonce`` makes every advert fresh.
+
+    The cohort is fixed here, before any device draws its share holders from it (see ``graph``).
+    """
 
     round_index: int
     round_nonce: bytes
     bits: int
     vector_length: int
+    directory_digest: bytes
+    cohort: bytes  # bitmap over the enrolment directory: who is invited, and whom holders are drawn from
+    noise_floor: int  # t_honest: the honest contributors each device's DP noise was calibrated for
     signature: bytes = b""
 
 
@@ -48,6 +54,7 @@ class AdvertiseKeys:
     round_nonce: bytes
     c_public: bytes  # share encryption
     s_public: bytes  # pairwise masks
+    self_mask_commitment: bytes  # SHA-256 of the self-mask seed: lets the server check a rebuilt seed
     signature: bytes = b""
 
 
@@ -58,20 +65,23 @@ class NeighbourKey:
     device_id: str
     c_public: bytes
     s_public: bytes
+    self_mask_commitment: bytes
     signature: bytes
 
     def advert(self, round_index: int, round_nonce: bytes) -> AdvertiseKeys:
         """The AdvertiseKeys message the signature was made over."""
-        return AdvertiseKeys(self.device_id, round_index, round_nonce, self.c_public, self.s_public, self.signature)
+        return AdvertiseKeys(self.device_id, round_index, round_nonce, self.c_public, self.s_public,
+                             self.self_mask_commitment, self.signature)
 
 
 @dataclass(frozen=True)
 class Roster:
-    """Server -> one member: who is in the round, its parameters, and the keys of that member's neighbours.
+    """Server -> one member: who is in the round, its parameters, and the keys of that member's mask partners.
 
-    ``members`` is a bitmap over the enrolment directory (see ``membership``), and only the k
-    neighbours' adverts travel, so the roster costs O(k + n/8) bytes, not O(n) adverts. Everything
-    but ``receiver`` and ``neighbours`` is the same for every member and hashes to the session id.
+    ``cohort`` and ``members`` are bitmaps over the enrolment directory (see ``membership``), and
+    only the partners' adverts travel (the holders it drew and the members that drew it), so the
+    roster costs O(k + n/8) bytes, not O(n) adverts. Everything but ``receiver`` and ``neighbours``
+    is the same for every member and hashes to the session id.
     """
 
     receiver: str
@@ -82,7 +92,9 @@ class Roster:
     degree: int
     threshold: int
     directory_digest: bytes
+    cohort: bytes
     members: bytes
+    noise_floor: int
     neighbours: tuple[NeighbourKey, ...]
     signature: bytes = b""
 
@@ -121,11 +133,17 @@ class ShareKeys:
 
 @dataclass(frozen=True)
 class ShareRelay:
-    """Server -> device: the shares its neighbours addressed to it (their senders form U2)."""
+    """Server -> device: U2 (who shared keys, a bitmap over the members) and the shares addressed to it.
+
+    The device masks with every partner in U2, whether or not that partner's share reached it, so
+    withholding shares from a relay cannot strip a device's masks; U2 is covered by the consistency
+    signatures, so every device masks over the same U2.
+    """
 
     receiver: str
     session_id: bytes
     round_index: int
+    shared: bytes
     shares: tuple[EncryptedShare, ...]
     signature: bytes = b""
 
@@ -134,13 +152,17 @@ class ShareRelay:
 class MaskedInput:
     """Device -> server: y = x + PRG(b) + sum of signed pairwise masks, mod 2^bits.
 
-    ``rejected`` names neighbours whose share failed to decrypt; the server drops them.
+    ``rejected`` names partners whose share failed to decrypt: the device holds no share of theirs,
+    and the server neither asks it for one nor drops them on its word alone. ``ledger_head`` is the
+    device's privacy-ledger head after recording this participation (sequence and hash, 40 bytes),
+    so the aggregator can detect a ledger that was rolled back or deleted.
     """
 
     sender: str
     session_id: bytes
     round_index: int
     rejected: tuple[str, ...]
+    ledger_head: bytes
     masked: np.ndarray
     signature: bytes = b""
 
@@ -169,15 +191,17 @@ class ConsistencyCheck:
 
 @dataclass(frozen=True)
 class UnmaskRequest:
-    """Server -> device: t consistency signatures, and which shares to reveal.
+    """Server -> device: a quorum of consistency signatures, and which shares to reveal.
 
-    U3 is not repeated: the device checks the signatures against the survivor set it signed.
+    ``signers`` is a bitmap over the members and ``signatures`` their signatures in member order.
+    The view is not repeated: the device checks the signatures against the view it signed itself.
     """
 
     receiver: str
     session_id: bytes
     round_index: int
-    consistency: tuple[tuple[str, bytes], ...]
+    signers: bytes
+    signatures: tuple[bytes, ...]
     self_mask_owners: tuple[str, ...]
     mask_key_owners: tuple[str, ...]
     signature: bytes = b""
@@ -211,10 +235,13 @@ Message = (
 )
 
 
-def survivors_digest(session_id: bytes, round_index: int, survivors: tuple[str, ...]) -> bytes:
-    """SHA-256 binding a survivor set to its session and round (what consistency signatures cover)."""
-    h = hashlib.sha256(b"fleetlearn/secagg/v1/survivors|" + session_id + round_index.to_bytes(8, "big"))
-    for device_id in sorted(survivors):
-        raw = device_id.encode()
-        h.update(len(raw).to_bytes(2, "big") + raw)
+def survivors_digest(session_id: bytes, round_index: int, shared: bytes, survivors: bytes) -> bytes:
+    """SHA-256 binding one view (U2 and U3, bitmaps over the members) to its session and round.
+
+    This is what consistency signatures cover: two devices that signed the same digest agree on
+    who shared keys and whose input is in the sum.
+    """
+    h = hashlib.sha256(b"fleetlearn/secagg/v2/view|" + session_id + round_index.to_bytes(8, "big"))
+    for bitmap in (shared, survivors):
+        h.update(len(bitmap).to_bytes(4, "big") + bitmap)
     return h.digest()

@@ -11,9 +11,10 @@ inversion (batch inversion), which is what makes the server's unmask fast.
 
 from __future__ import annotations
 
+import itertools
 import math
 import secrets
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from edge_sdk.secagg.errors import ReconstructionError, SecAggConfigError
@@ -135,6 +136,66 @@ class LagrangeCache:
         xs = self.subset(shares)
         total = sum(c * shares[x] for c, x in zip(self.coefficients(xs), xs, strict=True)) % PRIME
         return _secret_from_int(total)
+
+
+    def reconstruct_checked(
+        self, shares: Mapping[int, int], check: Callable[[bytes], bool], what: str = "secret",
+        max_subsets: int = 4096,
+    ) -> CheckedSecret:
+        """Rebuild a secret that ``check`` accepts, leaving out bad shares when more than t arrived.
+
+        Why: one corrupted share must not abort a round that holds more than t shares. The t lowest
+        x's are tried first (the fast path, shared with the cache); on failure, subsets that leave
+        out 1, 2, ... shares are tried in turn, and once one rebuilds a checked secret every share
+        off its polynomial is named as bad.
+        """
+        if len(shares) < self.threshold:
+            raise ReconstructionError(
+                f"cannot reconstruct {what}: {len(shares)} shares received, threshold is {self.threshold}"
+            )
+        xs = sorted(shares)
+        first = self._attempt(shares, tuple(xs[: self.threshold]), check)
+        if first is not None:
+            return CheckedSecret(first, ())
+        tries = 1
+        for left_out in range(1, len(xs) - self.threshold + 1):
+            for excluded in itertools.combinations(xs, left_out):
+                subset = tuple(x for x in xs if x not in excluded)[: self.threshold]
+                secret = self._attempt(shares, subset, check)
+                tries += 1
+                if secret is not None:
+                    bad = tuple(x for x in xs if x not in subset and evaluate_at(shares, subset, x) != shares[x])
+                    return CheckedSecret(secret, bad)
+                if tries >= max_subsets:
+                    raise ReconstructionError(f"cannot reconstruct {what}: no subset of {len(xs)} shares "
+                                              f"rebuilds a checked secret within {max_subsets} tries")
+        raise ReconstructionError(f"cannot reconstruct {what}: no {self.threshold} of its {len(xs)} shares "
+                                  "rebuild the committed secret (too many bad shares)")
+
+    def _attempt(self, shares: Mapping[int, int], xs: tuple[int, ...], check: Callable[[bytes], bool]) -> bytes | None:
+        total = sum(c * shares[x] for c, x in zip(self.coefficients(xs), xs, strict=True)) % PRIME
+        if total >= 1 << (8 * SECRET_BYTES):
+            return None
+        secret = _secret_from_int(total)
+        return secret if check(secret) else None
+
+
+@dataclass(frozen=True)
+class CheckedSecret:
+    """A secret rebuilt and accepted by its check, and the x's of shares found off its polynomial."""
+
+    secret: bytes
+    bad_xs: tuple[int, ...]
+
+
+def evaluate_at(shares: Mapping[int, int], xs: Sequence[int], x: int) -> int:
+    """The polynomial through the points ``xs`` of ``shares``, evaluated at ``x`` (Lagrange form)."""
+    total = 0
+    for xi in xs:
+        num = math.prod(x - xj for xj in xs if xj != xi) % PRIME
+        den = math.prod(xi - xj for xj in xs if xj != xi) % PRIME
+        total += shares[xi] * num * pow(den, -1, PRIME)
+    return total % PRIME
 
 
 def reconstruct_secret(shares: Mapping[int, int], threshold: int) -> bytes:
