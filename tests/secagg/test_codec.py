@@ -16,20 +16,21 @@ from edge_sdk.secagg.keys import IdentityKey
 
 SID = bytes(range(32))
 SHARE = b"\x01" * 33
-ADVERT = m.AdvertiseKeys("dev-1", 4, b"n" * 32, b"c" * 32, b"s" * 32, b"\x07" * 64)
+ADVERT = m.AdvertiseKeys("dev-1", 4, b"n" * 32, b"c" * 32, b"s" * 32, b"h" * 32, b"\x07" * 64)
+HEAD = bytes(range(40))
 
 SAMPLES = [
-    m.RoundStart(4, b"n" * 32, 16, 1000, b"\x05" * 64),
+    m.RoundStart(4, b"n" * 32, 16, 1000, b"D" * 32, b"\x0f", 90, b"\x05" * 64),
     ADVERT,
-    m.Roster("dev-1", 4, b"n" * 32, 16, 1000, 2, 2, b"D" * 32, b"\x0b",
-             (m.NeighbourKey("dev-2", b"c" * 32, b"s" * 32, b"\x07" * 64),
-              m.NeighbourKey("dev-4", b"C" * 32, b"S" * 32, b"\x08" * 64))),
+    m.Roster("dev-1", 4, b"n" * 32, 16, 1000, 2, 2, b"D" * 32, b"\x0f", b"\x0b", 90,
+             (m.NeighbourKey("dev-2", b"c" * 32, b"s" * 32, b"h" * 32, b"\x07" * 64),
+              m.NeighbourKey("dev-4", b"C" * 32, b"S" * 32, b"H" * 32, b"\x08" * 64))),
     m.ShareKeys("dev-1", SID, 4, (m.EncryptedShare("dev-1", "dev-2", b"\x00" * 12, b"ct" * 80),)),
-    m.ShareRelay("dev-2", SID, 4, (m.EncryptedShare("dev-1", "dev-2", b"\x00" * 12, b"ct" * 80),)),
-    m.MaskedInput("dev-1", SID, 4, ("dev-3",), np.array([0, 1, 2**32 - 1], dtype=np.uint32), b"\x09" * 64),
+    m.ShareRelay("dev-2", SID, 4, b"\x07", (m.EncryptedShare("dev-1", "dev-2", b"\x00" * 12, b"ct" * 80),)),
+    m.MaskedInput("dev-1", SID, 4, ("dev-3",), HEAD, np.array([0, 1, 2**32 - 1], dtype=np.uint32), b"\x09" * 64),
     m.SurvivorSet("dev-1", SID, 4, b"\x03"),
     m.ConsistencyCheck("dev-1", SID, 4, b"d" * 32),
-    m.UnmaskRequest("dev-1", SID, 4, (("dev-2", b"\x03" * 64),), ("dev-2",), ("dev-3",)),
+    m.UnmaskRequest("dev-1", SID, 4, b"\x05", (b"\x03" * 64, b"\x04" * 64), ("dev-2",), ("dev-3",)),
     m.UnmaskShares("dev-1", SID, 4, (("dev-2", SHARE),), (("dev-3", SHARE),)),
     m.Abort(SID, 4, "only 2 devices shared their keys, below the threshold t=3"),
     m.SharePlaintext(SHARE, SHARE),
@@ -69,22 +70,26 @@ def test_unknown_type_tag_and_bad_signature_length_are_rejected():
 
 
 def test_oversized_declared_counts_are_rejected_before_allocation():
-    body = codec.body_bytes(m.ShareRelay("dev-1", SID, 4, ()))
+    body = codec.body_bytes(m.ShareRelay("dev-1", SID, 4, b"", ()))
     huge = body[:-4] + struct.pack(">I", 2**31) + b"\x00"
     with pytest.raises(MessageFormatError, match="declares"):
         codec.decode(huge)
-    vector = codec.body_bytes(m.MaskedInput("d", SID, 4, (), np.zeros(0, dtype=np.uint32)))
+    vector = codec.body_bytes(m.MaskedInput("d", SID, 4, (), HEAD, np.zeros(0, dtype=np.uint32)))
     with pytest.raises(MessageFormatError, match="limit"):
         codec.decode(vector[:-4] + struct.pack(">I", 2**30))
 
 
 def test_encoder_refuses_fields_of_the_wrong_size():
     with pytest.raises(MessageFormatError, match="round_nonce must be 32 bytes"):
-        codec.encode(m.RoundStart(1, b"short", 16, 10))
+        codec.encode(m.RoundStart(1, b"short", 16, 10, b"D" * 32, b"\x01", 1))
     with pytest.raises(MessageFormatError, match="device_id"):
-        codec.encode(m.AdvertiseKeys("", 1, b"n" * 32, b"c" * 32, b"s" * 32))
+        codec.encode(m.AdvertiseKeys("", 1, b"n" * 32, b"c" * 32, b"s" * 32, b"h" * 32))
     with pytest.raises(MessageFormatError, match="uint32"):
-        codec.encode(m.MaskedInput("d", SID, 4, (), np.zeros(3, dtype=np.int64)))
+        codec.encode(m.MaskedInput("d", SID, 4, (), HEAD, np.zeros(3, dtype=np.int64)))
+    with pytest.raises(MessageFormatError, match="ledger_head must be 40 bytes"):
+        codec.encode(m.MaskedInput("d", SID, 4, (), HEAD[:8], np.zeros(3, dtype=np.uint32)))
+    with pytest.raises(MessageFormatError, match="signatures must be 64 bytes"):
+        codec.encode(m.UnmaskRequest("d", SID, 4, b"\x01", (b"\x00" * 63,), (), ()))
 
 
 def test_invalid_utf8_ids_are_rejected():
@@ -126,14 +131,16 @@ def test_session_id_covers_what_every_member_shares_and_not_what_differs_between
     other_member = dataclasses.replace(roster, receiver="dev-2", neighbours=roster.neighbours[:1])
     assert codec.session_id_of(other_member) == sid
     for field, value in [("round_index", 5), ("round_nonce", b"N" * 32), ("bits", 17), ("vector_length", 999),
-                         ("degree", 4), ("threshold", 3), ("directory_digest", b"E" * 32), ("members", b"\x0f")]:
+                         ("degree", 4), ("threshold", 3), ("directory_digest", b"E" * 32), ("cohort", b"\x1f"),
+                         ("members", b"\x0f"), ("noise_floor", 89)]:
         assert codec.session_id_of(dataclasses.replace(roster, **{field: value})) != sid, field
 
 
 def test_a_neighbour_key_rebuilds_the_advert_its_device_signed():
     key = IdentityKey.generate()
-    advert = codec.sign(m.AdvertiseKeys("dev-2", 4, b"n" * 32, b"c" * 32, b"s" * 32), key)
-    carried = m.NeighbourKey(advert.device_id, advert.c_public, advert.s_public, advert.signature)
+    advert = codec.sign(m.AdvertiseKeys("dev-2", 4, b"n" * 32, b"c" * 32, b"s" * 32, b"h" * 32), key)
+    carried = m.NeighbourKey(advert.device_id, advert.c_public, advert.s_public, advert.self_mask_commitment,
+                             advert.signature)
     codec.verify(carried.advert(4, b"n" * 32), key.public, "dev-2")
     with pytest.raises(SignatureError):
         codec.verify(carried.advert(5, b"n" * 32), key.public, "dev-2")  # replayed into another round
