@@ -9,7 +9,14 @@ import numpy as np
 import onnx
 
 # Importing the rule modules registers their rules in RULES.
-from aggregator.compiler import rules_dense, rules_recurrent, rules_spatial  # noqa: F401
+from aggregator.compiler import (  # noqa: F401
+    rules_activation,
+    rules_dense,
+    rules_indexing,
+    rules_layer_norm,
+    rules_recurrent,
+    rules_spatial,
+)
 from aggregator.compiler.emitter import Emitter
 from aggregator.compiler.errors import UnsupportedOpError
 from aggregator.compiler.grad_context import RULES, GradContext, describe
@@ -39,6 +46,26 @@ def requires_grad(nodes: Sequence[onnx.NodeProto], wrt: Sequence[str], float_val
     return marked
 
 
+def check_rules_exist(nodes: Sequence[onnx.NodeProto], output: str, marked: set[str]) -> None:
+    """Raise one UnsupportedOpError naming every node on the gradient path that has no rule."""
+    needed, missing = {output}, []
+    for node in reversed(list(nodes)):
+        if not any(o in needed for o in node.output):
+            continue
+        needed.update(node.input)
+        if node.op_type not in RULES and node.op_type not in NON_DIFFERENTIABLE and any(
+            name in marked for name in node.input
+        ):
+            missing.append(node)
+    if missing:
+        lines = "\n".join(f"  - {describe(node)}" for node in reversed(missing))
+        ops = sorted({node.op_type for node in missing})
+        raise UnsupportedOpError(
+            f"{len(missing)} node(s) on the gradient path use ops with no gradient rule ({', '.join(ops)}):\n"
+            f"{lines}\nsupported ops: {', '.join(supported_ops())}"
+        )
+
+
 def build_gradients(
     em: Emitter,
     nodes: Sequence[onnx.NodeProto],
@@ -51,6 +78,7 @@ def build_gradients(
 ) -> dict[str, str]:
     """Emit dL/dp for each p in ``wrt`` given dL/d(output); returns p -> gradient value name."""
     marked = requires_grad(nodes, wrt, float_values)
+    check_rules_exist(nodes, output, marked)
     ctx = GradContext(em=em, shapes=shapes, constants=constants, requires_grad=marked)
     pending: dict[str, list[str]] = {output: [output_grad]}
 

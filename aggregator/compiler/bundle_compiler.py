@@ -18,6 +18,7 @@ from onnx import TensorProto, helper, numpy_helper
 from aggregator.compiler.backward import NON_DIFFERENTIABLE, build_gradients
 from aggregator.compiler.emitter import Emitter
 from aggregator.compiler.errors import CompileError
+from aggregator.compiler.export_rewrites import frozen_scalars
 from aggregator.compiler.losses import LOSSES, emit_loss
 from aggregator.compiler.model_input import FLOAT_TYPES, INPUT_NAME, PreparedModel, prepare_model
 from aggregator.compiler.optimizers import STATE_KINDS, UpdateEmitter, resolve_hyperparameters, state_scales
@@ -40,7 +41,7 @@ LOSS_NAME = "loss"
 NON_DIFFERENTIABLE_INPUTS = {
     "BatchNormalization": (3, 4), "Dropout": (1, 2), "Clip": (1, 2), "Reshape": (1,), "Expand": (1,),
     "Squeeze": (1,), "Unsqueeze": (1,), "ReduceMean": (1,), "ReduceSum": (1,), "Pad": (1, 2, 3),
-    "Slice": (1, 2, 3, 4),
+    "Slice": (1, 2, 3, 4), "Pow": (1,), "Gather": (1,),
 }
 
 
@@ -94,12 +95,16 @@ def select_trainable(prep: PreparedModel, trainable: Sequence[str] | None) -> li
         skip = NON_DIFFERENTIABLE_INPUTS.get(node.op_type, ())
         weights.update(name for i, name in enumerate(node.input) if i not in skip)
     candidates = [name for name in prep.params if name in weights]
+    scalars = frozen_scalars(prep.model.graph, prep.params)  # exporter constants; trained only when named
+    if scalars:
+        log.info("freezing single-element constants %s (name one exactly in trainable to train it)", sorted(scalars))
     if trainable is None:
-        chosen = candidates
+        chosen = [name for name in candidates if name not in scalars]
     else:
         if isinstance(trainable, str):
             trainable = [trainable]
-        chosen = [name for name in candidates if any(name == s or name.startswith(s) for s in trainable)]
+        chosen = [name for name in candidates
+                  if any(name == s or (name.startswith(s) and name not in scalars) for s in trainable)]
         for selector in trainable:
             if not any(name == selector or name.startswith(selector) for name in candidates):
                 raise CompileError(
@@ -134,6 +139,7 @@ def compile_graphs(
         raise CompileError(f"the shape of the model output {prep.output_name!r} could not be inferred")
     out_shape = (None,) + tuple(out_shape[1:])
     x_shape = (None,) + tuple(prep.shapes[INPUT_NAME][1:])
+    x_dtype = "int64" if prep.elem_types.get(INPUT_NAME) == TensorProto.INT64 else dtype  # token ids
     if loss == "cross_entropy":
         y_spec = TensorSpec(LABELS_NAME, (None,), "int64")
     else:
@@ -166,7 +172,7 @@ def compile_graphs(
         )
     forward_train = _rewrite_forward_for_training(forward, em)
     train_inputs = [
-        _value(INPUT_NAME, onnx_dtype, x_shape),
+        _value(INPUT_NAME, _onnx_type(x_dtype), x_shape),
         _value(LABELS_NAME, _onnx_type(y_spec.dtype), y_spec.shape),
         _value("lr", onnx_dtype, ()),
         _value("step", TensorProto.INT64, ()),
@@ -218,7 +224,7 @@ def compile_graphs(
         loss=loss,
         optimizer=optimizer,
         optimizer_params=hp,
-        x=TensorSpec(INPUT_NAME, x_shape, dtype),
+        x=TensorSpec(INPUT_NAME, x_shape, x_dtype),
         y=y_spec,
         output=TensorSpec(OUTPUT_NAME, out_shape, dtype),
         parameters=parameters,

@@ -11,3 +11,9 @@ class CompileError(FleetlearnError):
 
 class UnsupportedOpError(CompileError):
     """A node on the gradient path uses an op or attribute value the compiler has no rule for."""
+
+
+class ExportRewriteWarning(UserWarning):
+    """The exporter rewrote the model so that the compiler cannot train what PyTorch trains (folded
+    BatchNorm, dropped biases, merged parameters); the message names the layer and the export setting
+    that keeps PyTorch's parameters."""

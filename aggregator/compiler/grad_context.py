@@ -16,6 +16,7 @@ from onnx import helper
 
 from aggregator.compiler.emitter import Emitter
 from aggregator.compiler.errors import UnsupportedOpError
+from aggregator.compiler.node_origin import origin
 
 GradRule = Callable[["GradContext", onnx.NodeProto, list], list]
 RULES: dict[str, GradRule] = {}
@@ -37,7 +38,8 @@ def node_attrs(node: onnx.NodeProto) -> dict:
 
 
 def describe(node: onnx.NodeProto) -> str:
-    return f"node {node.name or node.output[0]!r} (op {node.op_type})"
+    """The node's name and op, and its PyTorch module and source line when the export recorded them."""
+    return f"node {node.name or node.output[0]!r} (op {node.op_type}){origin(node)}"
 
 
 @dataclass

@@ -18,6 +18,7 @@ from onnx import TensorProto, numpy_helper
 
 from aggregator.compiler.canonical_form import fold_linear_layers
 from aggregator.compiler.errors import CompileError
+from aggregator.compiler.export_rewrites import rewrite_export
 
 log = logging.getLogger(__name__)
 
@@ -153,8 +154,8 @@ def prepare_model(
             "needs exactly one (the batch x)"
         )
     x = real_inputs[0]
-    if x.type.tensor_type.elem_type != target:
-        raise CompileError(f"model input {x.name!r} is not a float tensor")
+    if x.type.tensor_type.elem_type not in (target, TensorProto.INT64):
+        raise CompileError(f"model input {x.name!r} is neither a float tensor nor int64 (token ids)")
     dims = x.type.tensor_type.shape.dim
     if len(dims) == 0:
         raise CompileError(f"model input {x.name!r} has no known rank; export it with a shape")
@@ -169,6 +170,7 @@ def prepare_model(
             raise CompileError(f"the model has an initializer named {name!r}, which the bundle reserves")
     _free_reserved_names(graph, keep={x.name, graph.output[0].name}, taken=init_names)
     _rename_value(graph, x.name, INPUT_NAME)
+    rewrite_export(proto, source)  # untie merged initializers, fold constants, warn about lost parameters
     output_name = graph.output[0].name
 
     try:

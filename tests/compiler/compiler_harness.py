@@ -12,6 +12,8 @@ equal, as in depthwise convs), so groups are split here and each runs through it
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import onnx
 import onnxruntime as ort
@@ -21,7 +23,10 @@ from onnx.reference.ops.op_conv_transpose import ConvTranspose as _ReferenceConv
 
 from aggregator.compiler import CompiledGraphs, compile_graphs
 
-ORT_FLOAT64_MISSING = {"Conv", "ConvTranspose", "MaxUnpool", "MaxPool", "AveragePool", "GlobalAveragePool", "GRU", "LSTM"}
+ORT_FLOAT64_MISSING = {
+    "Conv", "ConvTranspose", "MaxUnpool", "MaxPool", "AveragePool", "GlobalAveragePool", "GRU", "LSTM",
+    "Erf", "HardSigmoid", "HardSwish", "Gelu",
+}
 
 
 class MaxUnpool(OpRun):
@@ -32,6 +37,31 @@ class MaxUnpool(OpRun):
         out = np.zeros(int(np.prod(shape)), dtype=X.dtype)
         out[indices.ravel()] = X.ravel()
         return (out.reshape(shape),)
+
+
+class Erf(OpRun):
+    """The reference Erf rounds through float32 (``np.vectorize(erf, otypes="f")``), which float64 finite
+    differences of Erf and Gelu graphs cannot use; this one keeps the input's precision."""
+
+    op_domain = ""
+
+    def _run(self, x):
+        return (np.vectorize(math.erf, otypes=[x.dtype])(x),)
+
+
+class Gelu(OpRun):
+    """The reference expands Gelu into its function body, whose constants are float32 (forward errors of
+    ~5e-8 that float64 finite differences amplify to ~1e-2); this one is exact in the input's precision."""
+
+    op_domain = ""
+
+    def _run(self, x, approximate="none"):
+        approximate = self.approximate if approximate is None else approximate
+        if approximate == "tanh":
+            inner = math.sqrt(2 / math.pi) * (x + 0.044715 * x**3)
+            return ((0.5 * x * (1 + np.tanh(inner))).astype(x.dtype),)
+        cdf = 0.5 * (1 + np.vectorize(math.erf, otypes=[x.dtype])(x / math.sqrt(2)))
+        return ((x * cdf).astype(x.dtype),)
 
 
 class ConvTranspose(_ReferenceConvTranspose):
@@ -61,7 +91,7 @@ class GraphRunner:
         double = model.graph.input[0].type.tensor_type.elem_type == onnx.TensorProto.DOUBLE
         ops = {n.op_type for n in model.graph.node}
         if double and ops & ORT_FLOAT64_MISSING:
-            self._ref = ReferenceEvaluator(model, new_ops=[MaxUnpool, ConvTranspose])
+            self._ref = ReferenceEvaluator(model, new_ops=[MaxUnpool, ConvTranspose, Erf, Gelu])
             self._sess = None
         else:
             options = ort.SessionOptions()
