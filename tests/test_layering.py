@@ -1,4 +1,8 @@
-"""The device package stays within its four dependencies and never reaches into the host side."""
+"""The device package stays within its four dependencies and never reaches into the host side.
+
+The device CLI path (`fleetlearn train`, `evaluate`, `device`) is checked by running it: the
+process must end without having imported `aggregator` or any host-only package.
+"""
 
 from __future__ import annotations
 
@@ -6,6 +10,9 @@ import ast
 import subprocess
 import sys
 from pathlib import Path
+
+import numpy as np
+import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 DEVICE_DEPENDENCIES = {"onnxruntime", "numpy", "paho", "cryptography", "edge_sdk"}
@@ -51,12 +58,52 @@ def test_importing_every_edge_sdk_module_loads_no_host_package():
     assert out.stdout.strip() == "", f"device modules pulled in host packages: {out.stdout.strip()}"
 
 
-def test_cli_starts_without_host_packages():
+HOST_PACKAGES = ("onnx", "dp_accounting", "scipy", "sklearn", "torch", "pandas", "onnxscript", "skl2onnx", "sympy")
+
+
+def loaded_after(statements: str) -> list[str]:
+    """Run ``statements`` in a fresh interpreter; return the aggregator and host packages it loaded."""
     script = (
         "import sys\n"
-        "from aggregator.cli import build_parser\n"
-        "build_parser()\n"
-        "print(','.join(sorted(m for m in ('onnx', 'dp_accounting', 'scipy', 'torch') if m in sys.modules)))\n"
+        f"{statements}\n"
+        f"host = [m for m in sys.modules if m.split('.')[0] in {('aggregator', *HOST_PACKAGES)!r}]\n"
+        "print('loaded:' + ','.join(sorted(host)))\n"
     )
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=ROOT, check=True)
-    assert out.stdout.strip() == "", f"`fleetlearn --help` imports host-only packages: {out.stdout.strip()}"
+    last = out.stdout.strip().splitlines()[-1]
+    assert last.startswith("loaded:"), out.stdout
+    return [m for m in last.removeprefix("loaded:").split(",") if m]
+
+
+def test_cli_help_lists_every_command_without_host_packages():
+    loaded = loaded_after("from edge_sdk.cli import build_parser\nbuild_parser().format_help()")
+    assert [m for m in loaded if not m.startswith("aggregator")] == [], f"`fleetlearn --help` imports {loaded}"
+
+
+@pytest.fixture(scope="module")
+def bundle_and_data(tmp_path_factory):
+    from aggregator import model_zoo
+    from aggregator.compiler import compile_model
+
+    root = tmp_path_factory.mktemp("device_path")
+    compile_model(model_zoo.mlp((64, 16, 10), seed=0), root / "bundle", loss="cross_entropy", optimizer="sgd")
+    rng = np.random.default_rng(0)
+    np.savez(root / "data.npz", x=rng.random((32, 64), dtype=np.float32), y=rng.integers(0, 10, 32))
+    return root
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["train", "{root}/bundle", "--data", "{root}/data.npz", "--epochs", "2", "--profile", "pi4-2gb",
+         "--lr", "0.1", "--out", "{root}/p.npz"],
+        ["evaluate", "{root}/bundle", "--data", "{root}/data.npz", "--json"],
+        ["device", "init", "--ledger", "{root}/ledger", "--profile", "pi-zero-2w"],
+        ["device", "budget", "--ledger", "{root}/ledger"],
+    ],
+    ids=["train", "evaluate", "device init", "device budget"],
+)
+def test_device_commands_load_no_aggregator_module_and_no_host_package(argv, bundle_and_data):
+    argv = [a.format(root=bundle_and_data) for a in argv]
+    loaded = loaded_after(f"from edge_sdk.cli import main\nassert main({argv!r}) == 0, 'command failed'")
+    assert loaded == [], f"`fleetlearn {argv[0]}` loaded host-side modules: {loaded}"
