@@ -28,6 +28,7 @@ from dataclasses import dataclass, field, replace
 import numpy as np
 
 from aggregator.secagg.unmask import UnmaskInputs, reconstruct_sum
+from edge_sdk.privacy.noise_floor import honest_contributors
 from edge_sdk.secagg import codec
 from edge_sdk.secagg.codec import LEDGER_HEAD_BYTES
 from edge_sdk.secagg.errors import (
@@ -130,11 +131,6 @@ class ServerConfig:
         if self.noise_floor is not None:
             return self.noise_floor
         return honest_contributors(cohort, self.dropout_fraction, self.colluding_fraction)
-
-
-def honest_contributors(n: int, dropout_fraction: float, colluding_fraction: float) -> int:
-    """t_honest: the devices of n a round can count on to add honest noise, rounded as the finder rounds."""
-    return n - expected_count(dropout_fraction, n) - expected_count(colluding_fraction, n)
 
 
 @dataclass(frozen=True)

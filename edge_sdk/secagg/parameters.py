@@ -26,12 +26,17 @@ A device checks the server's (k, t) against the same criteria with its *own* con
 from __future__ import annotations
 
 import enum
-import math
 from dataclasses import dataclass
 from fractions import Fraction
 from math import comb
 
+from edge_sdk.privacy.noise_floor import expected_count
 from edge_sdk.secagg.errors import SecAggConfigError
+
+__all__ = [
+    "ThreatModel", "SecAggParameters", "choose_parameters", "check_parameters", "consistency_quorum",
+    "expected_count", "hypergeometric_tail", "majority_threshold", "noise_floor_shortfall",
+]
 
 SECURITY_BITS = 40
 CORRECTNESS_BITS = 20
@@ -56,15 +61,6 @@ class SecAggParameters:
     @property
     def complete_graph(self) -> bool:
         return self.degree >= self.n - 1
-
-
-def expected_count(fraction: float, n: int) -> int:
-    """How many of n devices a fraction stands for, rounded up (a 5% cohort of 10 still loses one).
-
-    The one rounding rule for dropouts and colluders, shared by this finder, the noise floor and the
-    DP calibration's t_honest; the epsilon absorbs float noise (0.05 * 100 = 5.000000000000001).
-    """
-    return math.ceil(fraction * n - 1e-9)
 
 
 def hypergeometric_tail(population: int, successes: int, draws: int, at_least: int) -> Fraction:
