@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -16,6 +16,7 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from aggregator.compiler.backward import NON_DIFFERENTIABLE, build_gradients
+from aggregator.compiler.batchnorm_training import plan_running_statistics
 from aggregator.compiler.emitter import Emitter
 from aggregator.compiler.errors import CompileError
 from aggregator.compiler.export_rewrites import frozen_scalars
@@ -53,6 +54,7 @@ class CompiledGraphs:
     eval: onnx.ModelProto
     manifest: Manifest
     initial_params: dict[str, np.ndarray]
+    initial_buffers: dict[str, np.ndarray] = field(default_factory=dict)  # running statistics
 
 
 def compile_model(
@@ -65,6 +67,7 @@ def compile_model(
     trainable: Sequence[str] | None = None,
     dtype: str = "float32",
     output: str | None = None,
+    federate_running_stats: bool = False,
 ) -> Manifest:
     """Compile ``model`` into a training bundle in ``out_dir`` and return its manifest.
 
@@ -72,17 +75,19 @@ def compile_model(
     frozen into both graphs as constants. ``optimizer_params`` overrides the defaults in
     ``aggregator.compiler.optimizers.DEFAULTS`` (momentum, beta1, beta2, eps, weight_decay).
     ``output`` names the model output to train when it has several (default: its only float output).
+    ``federate_running_stats`` makes training-mode BatchNormalization's running statistics part of
+    the device's federated update by default (see ``BufferSpec``; off: FedBN-style local statistics).
     """
     compiled = compile_graphs(
         model, loss=loss, optimizer=optimizer, optimizer_params=optimizer_params, trainable=trainable, dtype=dtype,
-        output=output,
+        output=output, federate_running_stats=federate_running_stats,
     )
     return write_bundle(
         Path(out_dir),
         compiled.manifest,
         compiled.train_step.SerializeToString(),
         compiled.eval.SerializeToString(),
-        compiled.initial_params,
+        {**compiled.initial_params, **compiled.initial_buffers},
     )
 
 
@@ -124,6 +129,7 @@ def compile_graphs(
     trainable: Sequence[str] | None = None,
     dtype: str = "float32",
     output: str | None = None,
+    federate_running_stats: bool = False,
 ) -> CompiledGraphs:
     """Build and check both graphs and the manifest without writing anything."""
     if loss not in LOSSES:
@@ -148,11 +154,13 @@ def compile_graphs(
     forward = _forward_nodes(prep)
     shapes = dict(prep.shapes)
     shapes[OUTPUT_NAME] = prep.shapes[prep.output_name]
-    frozen = {n: a for n, a in prep.params.items() if n not in train_names}
+    taken = _all_names(prep) | {LABELS_NAME, LOSS_NAME, "lr", "step"}
+    running = plan_running_statistics(forward, prep.params, lambda n: _unique(n, taken), federate_running_stats,
+                                      dtype)
+    frozen = {n: a for n, a in prep.params.items() if n not in train_names and n not in running.names}
     constants = {**prep.constants, **frozen}
     float_values = _float_values(prep)
 
-    taken = _all_names(prep) | {LABELS_NAME, LOSS_NAME, "lr", "step"}
     param_out = {p: _unique(f"{p}__new", taken) for p in train_names}
     state_names = {
         (p, kind): _unique(f"{p}__{kind}", taken) for p in train_names for kind in STATE_KINDS[optimizer]
@@ -170,7 +178,7 @@ def compile_graphs(
             p, grads[p],
             {k: state_names[(p, k)] for k in kinds}, param_out[p], {k: state_out[(p, k)] for k in kinds},
         )
-    forward_train = _rewrite_forward_for_training(forward, em)
+    forward_train = running.lower_for_training(_rewrite_forward_for_training(forward, em), em, shapes)
     train_inputs = [
         _value(INPUT_NAME, _onnx_type(x_dtype), x_shape),
         _value(LABELS_NAME, _onnx_type(y_spec.dtype), y_spec.shape),
@@ -179,9 +187,12 @@ def compile_graphs(
     ]
     train_inputs += [_value(p, onnx_dtype, prep.params[p].shape) for p in train_names]
     train_inputs += [_value(state_names[k], onnx_dtype, prep.params[k[0]].shape) for k in state_names]
+    buffer_inputs = [_value(b.input, onnx_dtype, b.shape) for b in running.specs]
+    train_inputs += buffer_inputs
     train_outputs = [_value(LOSS_NAME, onnx_dtype, ())]
     train_outputs += [_value(param_out[p], onnx_dtype, prep.params[p].shape) for p in train_names]
     train_outputs += [_value(state_out[k], onnx_dtype, prep.params[k[0]].shape) for k in state_names]
+    train_outputs += [_value(b.output, onnx_dtype, b.shape) for b in running.specs]
     train_model = _make_model(
         prep, "train_step", forward_train + em.nodes, train_inputs, train_outputs,
         _base_initializers(prep, frozen) + em.initializers,
@@ -191,9 +202,10 @@ def compile_graphs(
     em_eval = Emitter(prep.opset, np_dtype, taken)
     emit_loss(em_eval, loss, OUTPUT_NAME, LABELS_NAME, out_shape, with_grad=False, loss_name=LOSS_NAME)
     eval_inputs = train_inputs[:2] + [_value(p, onnx_dtype, prep.params[p].shape) for p in train_names]
+    eval_inputs += buffer_inputs
     eval_outputs = [_value(LOSS_NAME, onnx_dtype, ()), _value(OUTPUT_NAME, onnx_dtype, out_shape)]
     eval_model = _make_model(
-        prep, "eval", forward + em_eval.nodes, eval_inputs, eval_outputs,
+        prep, "eval", running.lower_for_eval(forward) + em_eval.nodes, eval_inputs, eval_outputs,
         _base_initializers(prep, frozen) + em_eval.initializers,
     )
 
@@ -208,7 +220,7 @@ def compile_graphs(
             name=n, shape=tuple(int(d) for d in a.shape), dtype=dtype, trainable=n in param_out,
             input=n if n in param_out else None, output=param_out.get(n),
         )
-        for n, a in prep.params.items()
+        for n, a in prep.params.items() if n not in running.names
     )
     scales = state_scales(optimizer, hp)
     state = tuple(
@@ -230,11 +242,12 @@ def compile_graphs(
         parameters=parameters,
         state=state,
         source_model=prep.source,
+        buffers=running.specs,
     )
     initial = {p: np.array(prep.params[p], order="C") for p in train_names}
     log.info("compiled %s: %d trainable, %d frozen parameters, %d train-step nodes",
              prep.source, len(train_names), len(frozen), len(train_model.graph.node))
-    return CompiledGraphs(train_model, eval_model, manifest, initial)
+    return CompiledGraphs(train_model, eval_model, manifest, initial, running.initial)
 
 
 def _unique(name: str, taken: set[str]) -> str:

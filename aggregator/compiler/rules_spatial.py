@@ -9,7 +9,7 @@ MaxPool:  windows that tile the input (stride == kernel, no padding) find each w
           tie-breaking like PyTorch; other windows use the forward MaxPool's Indices output and
           ScatterElements (with reduction="add", opset >= 16, when windows overlap).
 AveragePool: dX = ConvTranspose of dY with a constant 1/count kernel per channel.
-BatchNormalization: inference form with frozen running statistics.
+BatchNormalization: inference form with frozen running statistics (training mode: batchnorm_training).
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ import numpy as np
 import onnx
 from onnx import helper
 
+from aggregator.compiler.batchnorm_training import training_batchnorm_grad
 from aggregator.compiler.grad_context import GradContext, node_attrs, rule, spatial_attrs
 
 
@@ -272,7 +273,7 @@ def batch_norm_grad(ctx: GradContext, node, grads):
     """Inference-mode BN: y = (x - mean) / sqrt(var + eps) * scale + bias, running stats frozen."""
     attrs = node_attrs(node)
     if int(attrs.get("training_mode", 0)):
-        raise ctx.unsupported(node, "training_mode=1 (export in eval mode; statistics stay frozen)")
+        return training_batchnorm_grad(ctx, node, grads)
     if len(node.output) > 1 and any(node.output[1:]):
         raise ctx.unsupported(node, "running-statistics outputs")
     x, scale, bias, mean, var = node.input[:5]

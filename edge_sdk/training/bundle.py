@@ -129,6 +129,39 @@ class StateSpec:
 
 
 @dataclass(frozen=True)
+class BufferSpec:
+    """A tensor the train step updates without a gradient: a training-mode BatchNormalization's
+    running mean or variance (torch's module buffers).
+
+    It starts from ``initial_params.npz`` (under ``name``); train_step.onnx reads ``input`` and writes
+    ``output``, eval.onnx reads ``input``. ``federated`` is whether ``TrainingState.get_params``
+    includes it in the device's update by default. It is off unless the compiler was asked for it:
+    running statistics are raw statistics of the device's data that DP clipping and noise do not
+    cover, and keeping them local is FedBN's remedy for feature-shifted (non-IID) devices.
+    """
+
+    name: str
+    kind: str  # "running_mean" or "running_var"
+    shape: tuple[int, ...]
+    dtype: str
+    input: str
+    output: str
+    federated: bool = False
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> BufferSpec:
+        return cls(
+            name=str(d["name"]),
+            kind=str(d["kind"]),
+            shape=tuple(int(s) for s in d["shape"]),
+            dtype=str(d["dtype"]),
+            input=str(d["input"]),
+            output=str(d["output"]),
+            federated=bool(d.get("federated", False)),
+        )
+
+
+@dataclass(frozen=True)
 class Manifest:
     """Everything the runtime needs to drive the two graphs, plus file hashes.
 
@@ -158,6 +191,7 @@ class Manifest:
     train_step_inputs: tuple[str, ...] = ("x", "y", "lr", "step")
     loss_output: str = "loss"
     eval_output: str = "output"
+    buffers: tuple[BufferSpec, ...] = ()  # running statistics: train-step inputs and outputs, eval inputs
 
     @property
     def trainable(self) -> tuple[ParameterSpec, ...]:
@@ -194,6 +228,7 @@ class Manifest:
                 train_step_inputs=tuple(d.get("train_step_inputs", ("x", "y", "lr", "step"))),
                 loss_output=str(d.get("loss_output", "loss")),
                 eval_output=str(d.get("eval_output", "output")),
+                buffers=tuple(BufferSpec.from_dict(b) for b in d.get("buffers", ())),
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise BundleError(f"manifest is malformed: {type(exc).__name__}: {exc}") from exc
@@ -310,9 +345,9 @@ def load_bundle(path: str | os.PathLike[str]) -> Bundle:
                 "the bundle is corrupt or was modified: recompile or re-download it"
             )
     params = load_params_npz(path / PARAMS_FILE)
-    for spec in manifest.trainable:
+    for spec in (*manifest.trainable, *manifest.buffers):
         if spec.name not in params:
-            raise BundleError(f"{PARAMS_FILE} lacks trainable parameter {spec.name!r}")
+            raise BundleError(f"{PARAMS_FILE} lacks {spec.name!r} (a trainable parameter or running statistic)")
         if tuple(params[spec.name].shape) != spec.shape or str(params[spec.name].dtype) != spec.dtype:
             raise BundleError(
                 f"initial parameter {spec.name!r} is {params[spec.name].dtype}{list(params[spec.name].shape)}, "

@@ -99,19 +99,22 @@ class ModelSession:
             "inputs",
             [*manifest.train_step_inputs]
             + [p.input for p in manifest.trainable]
-            + [s.input for s in manifest.state],
+            + [s.input for s in manifest.state]
+            + [b.input for b in manifest.buffers],
             [i.name for i in self.train_step.get_inputs()],
         )
         _check_names(
             "train_step.onnx",
             "outputs",
-            [manifest.loss_output] + [p.output for p in manifest.trainable] + [s.output for s in manifest.state],
+            [manifest.loss_output] + [p.output for p in manifest.trainable] + [s.output for s in manifest.state]
+            + [b.output for b in manifest.buffers],
             [o.name for o in self.train_step.get_outputs()],
         )
         _check_names(
             "eval.onnx",
             "inputs",
-            [manifest.x.name, manifest.y.name] + [p.input for p in manifest.trainable],
+            [manifest.x.name, manifest.y.name] + [p.input for p in manifest.trainable]
+            + [b.input for b in manifest.buffers],
             [i.name for i in self.evaluator.get_inputs()],
         )
         _check_names(

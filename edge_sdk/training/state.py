@@ -65,6 +65,9 @@ def _all_finite(arrays: Mapping[str, np.ndarray]) -> bool:
 class TrainingState:
     """Parameters + optimiser state of one device, in preallocated numpy buffers shared with onnxruntime.
 
+    Running statistics of training-mode BatchNormalization (the manifest's ``buffers``) ride in the
+    same ring, so a rollback restores them with the parameters; they are not optimiser state.
+
     Not thread-safe by itself (one device, one thread); many states may share one session.
     """
 
@@ -73,6 +76,7 @@ class TrainingState:
         manifest = session.manifest
         self._param_specs = manifest.trainable
         self._state_specs = manifest.state
+        self._buffer_specs = manifest.buffers
         self._x_name, self._y_name, lr_name, step_name = manifest.train_step_inputs
         self._x_dtype = np.dtype(manifest.x.dtype)
         self._y_dtype = np.dtype(manifest.y.dtype)
@@ -90,6 +94,10 @@ class TrainingState:
         self._opt: list[dict[str, np.ndarray]] = [
             {s.name: np.zeros(s.shape, dtype=s.dtype) for s in self._state_specs} for _ in range(RING_SIZE)
         ]
+        self._stats: list[dict[str, np.ndarray]] = [
+            {b.name: np.zeros(b.shape, dtype=b.dtype) for b in self._buffer_specs} for _ in range(RING_SIZE)
+        ]
+        self._stat_values = [{n: ort.OrtValue.ortvalue_from_numpy(a) for n, a in st.items()} for st in self._stats]
         # OrtValues view the numpy buffers (CPU, zero-copy); keep them alive as long as the bindings.
         self._values = [
             (
@@ -114,6 +122,9 @@ class TrainingState:
             for s in self._state_specs:
                 binding.bind_ortvalue_input(s.input, src_opt[s.name])
                 binding.bind_ortvalue_output(s.output, dst_opt[s.name])
+            for b in self._buffer_specs:
+                binding.bind_ortvalue_input(b.input, self._stat_values[i][b.name])
+                binding.bind_ortvalue_output(b.output, self._stat_values[(i + 1) % RING_SIZE][b.name])
             binding.bind_ortvalue_output(manifest.loss_output, self._loss_value)
             self._bindings.append(binding)
         # What each binding currently has bound as x and y: (data pointer, shape), to skip re-binding.
@@ -126,7 +137,10 @@ class TrainingState:
         self._current = 0
         self._steps = 0
         self._previous_valid = False  # whether the set before ``_current`` holds committed values
-        self.set_params(params if params is not None else session.bundle.initial_params)
+        initial = session.bundle.initial_params
+        for b in self._buffer_specs:
+            np.copyto(self._stats[0][b.name], initial[b.name])
+        self.set_params(params if params is not None else initial)
 
     # ----------------------------------------------------------------- parameters
 
@@ -139,25 +153,40 @@ class TrainingState:
     def parameter_names(self) -> tuple[str, ...]:
         return tuple(p.name for p in self._param_specs)
 
-    def get_params(self) -> dict[str, np.ndarray]:
-        """Copies of the trainable parameters, keyed by ONNX initializer name."""
-        return {name: array.copy() for name, array in self._params[self._current].items()}
+    def get_params(self, include_running_stats: bool | None = None) -> dict[str, np.ndarray]:
+        """Copies of the trainable parameters, keyed by ONNX initializer name: the federated update.
+
+        ``include_running_stats`` adds BatchNormalization running statistics; None follows each
+        buffer's manifest ``federated`` flag (off unless compiled with ``federate_running_stats``).
+        """
+        params = {name: array.copy() for name, array in self._params[self._current].items()}
+        stats = self._stats[self._current]
+        for b in self._buffer_specs:
+            if b.federated if include_running_stats is None else include_running_stats:
+                params[b.name] = stats[b.name].copy()
+        return params
+
+    def get_running_stats(self) -> dict[str, np.ndarray]:
+        """Copies of the BatchNormalization running statistics (empty without training-mode BN)."""
+        return {name: array.copy() for name, array in self._stats[self._current].items()}
 
     def set_params(self, params: Mapping[str, np.ndarray]) -> None:
         """Overwrite the trainable parameters (e.g. with a new global model); optimiser state is kept.
 
         Every trainable parameter must be given, with its exact shape and dtype: a silent cast or
-        broadcast here would hide a model mismatch until the update is aggregated.
+        broadcast here would hide a model mismatch until the update is aggregated. Running statistics
+        may be given too (a global model that federates them); those not given keep their values.
         """
         expected = {p.name: p for p in self._param_specs}
-        unknown = sorted(set(params) - set(expected))
+        optional = {b.name: b for b in self._buffer_specs if b.name in params}
+        unknown = sorted(set(params) - set(expected) - set(optional))
         missing = sorted(set(expected) - set(params))
         if unknown or missing:
             raise ParameterError(
                 f"parameters do not match the bundle: unknown {unknown}, missing {missing}; "
                 f"expected exactly {sorted(expected)}"
             )
-        for name, spec in expected.items():
+        for name, spec in {**expected, **optional}.items():
             value = np.asarray(params[name])
             if value.shape != spec.shape or value.dtype != np.dtype(spec.dtype):
                 raise ParameterError(
@@ -167,6 +196,8 @@ class TrainingState:
         current = self._params[self._current]
         for name in expected:
             np.copyto(current[name], params[name])
+        for name in optional:
+            np.copyto(self._stats[self._current][name], params[name])
         self._previous_valid = False
 
     def get_optimizer_state(self) -> dict[str, np.ndarray]:
@@ -256,5 +287,7 @@ class TrainingState:
         current = self._params[self._current]
         for p in self._param_specs:
             feed[p.input] = current[p.name]
+        for b in self._buffer_specs:
+            feed[b.input] = self._stats[self._current][b.name]
         loss, output = self.session.evaluator.run([manifest.loss_output, manifest.eval_output], feed)
         return float(loss), output
