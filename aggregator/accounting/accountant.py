@@ -4,8 +4,10 @@ Why counts: an accountant call costs milliseconds, so the fleet keeps a ``Counte
 round events and composes ``SelfComposedDpEvent(event, count)`` for each, instead of one call per
 round; RDP curves of our own event kinds are cached by event.
 
-- ``FleetRdpAccountant`` extends dp-accounting's ``RdpAccountant`` with ``SkellamDpEvent`` and with
-  Poisson subsampling of non-Gaussian events (Zhu-Wang'19 upper bound).
+- ``FleetRdpAccountant`` extends dp-accounting's ``RdpAccountant`` with ``SkellamDpEvent``,
+  ``DistributedDiscreteGaussianDpEvent`` and Poisson subsampling of non-Gaussian events (Zhu-Wang'19
+  upper bound, capped at every order by the unamplified curve: claiming amplification never
+  reports more than claiming none).
 - ``make_accountant(name)`` picks an accountant by name: ``rdp`` (all our events) or ``pld``
   (dp-accounting's PLD accountant: tighter, but Gaussian/Laplace-family events only).
 - ``FleetAccountant`` reports, after every round, the fleet-level (epsilon, delta) and each
@@ -25,10 +27,10 @@ from dp_accounting.privacy_accountant import PrivacyAccountant
 from dp_accounting.rdp import rdp_privacy_accountant
 from dp_accounting.rdp.rdp_privacy_accountant import NeighborRel
 
-from aggregator.accounting.events import SkellamDpEvent, round_dp_event
+from aggregator.accounting.events import DistributedDiscreteGaussianDpEvent, SkellamDpEvent, round_dp_event
 from edge_sdk.errors import ConfigError
 from edge_sdk.privacy.participation import ParticipationEvent
-from edge_sdk.privacy.rdp import epsilon_from_rdp, poisson_subsampled_rdp, skellam_rdp
+from edge_sdk.privacy.rdp import capped_subsampled_rdp, discrete_gaussian_sum_rdp, epsilon_from_rdp, skellam_rdp
 
 _RDP_ORDERS = np.asarray(rdp_privacy_accountant.DEFAULT_RDP_ORDERS, dtype=np.float64)
 _CURVE_CACHE: dict[tuple[dp_event.DpEvent, bytes], np.ndarray] = {}
@@ -49,32 +51,40 @@ def _base_curve(event: dp_event.DpEvent, orders: np.ndarray) -> np.ndarray | Non
     """RDP of a non-sampled event that can sit under Poisson sampling, or None if unsupported."""
     if isinstance(event, SkellamDpEvent):
         return skellam_rdp(orders, event.l1_sensitivity, event.l2_sensitivity, event.mu)
+    if isinstance(event, DistributedDiscreteGaussianDpEvent):
+        return discrete_gaussian_sum_rdp(
+            orders, event.l1_sensitivity, event.l2_sensitivity, event.local_sigma2, event.contributors, event.dim
+        )
     if isinstance(event, dp_event.ZCDpEvent):
         return event.xi + event.rho * np.asarray(orders, dtype=np.float64)
     return None
 
 
+_OWN_EVENTS = (SkellamDpEvent, DistributedDiscreteGaussianDpEvent)
+
+
 class FleetRdpAccountant(rdp_privacy_accountant.RdpAccountant):
-    """dp-accounting's RDP accountant, plus Skellam events and subsampled Skellam/zCDP events."""
+    """dp-accounting's RDP accountant, plus our events and their (and zCDP events') subsampling."""
 
     def _maybe_compose(self, event: dp_event.DpEvent, count: int, do_compose: bool):
-        if isinstance(event, SkellamDpEvent):
+        if isinstance(event, _OWN_EVENTS):
             if do_compose:
                 self._rdp += count * _cached_curve(event, self._orders, lambda: _base_curve(event, self._orders))
             return None
         if isinstance(event, dp_event.PoissonSampledDpEvent) and isinstance(
-            event.event, (SkellamDpEvent, dp_event.ZCDpEvent)
+            event.event, (*_OWN_EVENTS, dp_event.ZCDpEvent)
         ):
             if self._neighboring_relation is not NeighborRel.ADD_OR_REMOVE_ONE:
                 return rdp_privacy_accountant.CompositionErrorDetails(
                     invalid_event=event,
-                    error_message="Poisson-sampled Skellam/zCDP events need ADD_OR_REMOVE_ONE adjacency",
+                    error_message="Poisson-sampled Skellam, discrete-Gaussian and zCDP events need "
+                    "ADD_OR_REMOVE_ONE adjacency",
                 )
             if do_compose:
                 inner, q = event.event, event.sampling_probability
 
                 def subsampled() -> np.ndarray:
-                    return poisson_subsampled_rdp(self._orders, q, lambda ls: _base_curve(inner, ls))
+                    return capped_subsampled_rdp(self._orders, q, lambda ls: _base_curve(inner, ls))
 
                 self._rdp += count * _cached_curve(event, self._orders, subsampled)
             return None

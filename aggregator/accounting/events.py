@@ -3,11 +3,11 @@
 How each mechanism enters dp-accounting:
 - Skellam sums are a new event kind, ``SkellamDpEvent``, whose RDP curve (Agarwal-Kairouz-Liu'21)
   ``FleetRdpAccountant`` knows.
-- Discrete-Gaussian sums are expressed through the supported ``ZCDpEvent(xi=0, rho=e^2/2)``: that is
-  exactly the statement of Kairouz-Liu-Steinke'21 Thm 1 ((1/2)e^2-concentrated DP), not an
-  approximation of it.
+- Discrete-Gaussian sums are a new event kind too, ``DistributedDiscreteGaussianDpEvent``: its curve
+  is the pointwise minimum of Kairouz-Liu-Steinke'21 Thm 1 and Prop 14 (``edge_sdk.privacy.rdp``),
+  which no single ``ZCDpEvent`` can express (Prop 14 has an order-independent term).
 - Poisson subsampling wraps either in ``PoissonSampledDpEvent``; ``FleetRdpAccountant`` bounds it
-  with Zhu-Wang'19 (dp-accounting itself only amplifies Gaussians).
+  with Zhu-Wang'19 (dp-accounting itself only amplifies Gaussians), capped by the unamplified curve.
 - ``off`` rounds are ``NonPrivateDpEvent``.
 """
 
@@ -18,7 +18,6 @@ from dp_accounting import dp_event
 
 from edge_sdk.errors import ConfigError
 from edge_sdk.privacy.participation import NO_NOISE, ParticipationEvent
-from edge_sdk.privacy.rdp import discrete_gaussian_sum_epsilon
 
 
 @attr.s(frozen=True, slots=True, auto_attribs=True)
@@ -30,6 +29,18 @@ class SkellamDpEvent(dp_event.DpEvent):
     mu: float
 
 
+@attr.s(frozen=True, slots=True, auto_attribs=True)
+class DistributedDiscreteGaussianDpEvent(dp_event.DpEvent):
+    """The sum of ``contributors`` independent ``N_Z(0, local_sigma2)`` vectors of ``dim`` coordinates
+    added to a query with the given L1/L2 sensitivities."""
+
+    l1_sensitivity: float
+    l2_sensitivity: float
+    local_sigma2: float
+    contributors: int
+    dim: int
+
+
 def mechanism_dp_event(event: ParticipationEvent, local_only: bool = False) -> dp_event.DpEvent:
     """The DpEvent of one round's release, before any sampling: the honest sum, or one device alone."""
     if event.mechanism == NO_NOISE or not event.is_private:
@@ -39,8 +50,9 @@ def mechanism_dp_event(event: ParticipationEvent, local_only: bool = False) -> d
         return SkellamDpEvent(event.l1_sensitivity, event.l2_sensitivity, variance / 2.0)
     if event.mechanism == "discrete_gaussian":
         contributors = 1 if local_only else event.honest_contributors
-        e = discrete_gaussian_sum_epsilon(event.l2_sensitivity, event.local_variance, contributors, event.dim)
-        return dp_event.ZCDpEvent(rho=e * e / 2.0, xi=0.0)
+        return DistributedDiscreteGaussianDpEvent(
+            event.l1_sensitivity, event.l2_sensitivity, event.local_variance, contributors, event.dim
+        )
     raise ConfigError(f"no DpEvent for mechanism {event.mechanism!r}")
 
 

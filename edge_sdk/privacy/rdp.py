@@ -12,16 +12,25 @@ Curves (RDP epsilon at order alpha, add/remove-one adjacency):
 
       alpha D2^2 / (4 mu) + min(((2 alpha - 1) D2^2 + 6 D1) / (16 mu^2), 3 D1 / (4 mu))
 
-- Sum of n discrete Gaussians ``N_Z(0, s^2)`` in d dimensions (Kairouz-Liu-Steinke, ICML'21,
-  Thm 1): (1/2) e^2-concentrated DP, i.e. RDP ``alpha e^2 / 2`` with::
+- Sum of n discrete Gaussians ``N_Z(0, s^2)`` in d dimensions (Kairouz-Liu-Steinke, ICML'21): the
+  pointwise minimum over alpha of the curves their Thm 1 and Prop 14 give, all valid together, with
+  ``a = D2 / (sqrt(n) s)``, ``b = D1 / (sqrt(n) s)``::
 
-      e = min(sqrt(D2^2 / (n s^2) + tau d / 2), D2 / (sqrt(n) s) + tau sqrt(d)),
+      Thm 1:   alpha (a^2 + tau d / 2) / 2,   alpha (a + tau sqrt(d))^2 / 2
+      Prop 14: alpha a^2 / 2 + tau d,         alpha (a^2 + 2 b tau + tau^2 d) / 2
       tau = 10 sum_{k=1}^{n-1} exp(-2 pi^2 s^2 k / (k + 1))
+
+  (Prop 14's third curve is Thm 1's second.) The minimum also takes one device's discrete Gaussian,
+  ``alpha D2^2 / (2 s^2)`` (Canonne-Kamath-Steinke'20, any s > 0), valid because the other devices'
+  noise is independent of the data, so adding it is post-processing; it wins when tau d is large.
+  Thm 1 and Prop 14 need s >= 1/2; below that the one-device curve is the only one used.
 
 - Gaussian, noise multiplier z: ``alpha / (2 z^2)``.
 - Poisson subsampling with probability q: the general upper bound of Zhu & Wang (ICML'19, Thm 9)
   for integer alpha >= 2, valid for any mechanism given its RDP at orders 2..alpha (again
-  ceil(alpha) at fractional orders, up to order 256).
+  ceil(alpha) at fractional orders, up to order 256), capped at every order by the curve without
+  amplification (both bound the same divergence; Zhu-Wang's slack can exceed what sampling saves
+  when q is large).
 
 Conversion to epsilon: Canonne-Kamath-Steinke's improvement of Mironov's bound (the one
 dp-accounting uses): ``eps = rdp + log1p(-1/a) - log(delta a) / (a - 1)``, minimised over orders.
@@ -60,23 +69,60 @@ def skellam_rdp(orders: np.ndarray, l1: float, l2: float, mu: float) -> np.ndarr
     return whole * l2 * l2 / (4.0 * mu) + second
 
 
+MIN_DISCRETE_GAUSSIAN_SIGMA = 0.5  # KLS'21 Thm 1 and Prop 14 assume each device's s >= 1/2
+
+
+def _discrete_gaussian_tau(local_sigma2: float, contributors: int) -> float:
+    """KLS's tau: how far a sum of ``contributors`` discrete Gaussians is from one discrete Gaussian."""
+    if contributors <= 1:
+        return 0.0
+    k = np.arange(1, contributors, dtype=np.float64)
+    return 10.0 * float(np.sum(np.exp(-2.0 * math.pi**2 * local_sigma2 * k / (k + 1.0))))
+
+
+def _sum_theorem_applies(local_sigma2: float, contributors: int) -> bool:
+    return contributors <= 1 or local_sigma2 >= MIN_DISCRETE_GAUSSIAN_SIGMA**2
+
+
 def discrete_gaussian_sum_epsilon(l2: float, local_sigma2: float, contributors: int, dim: int) -> float:
-    """KLS's concentrated-DP parameter e of a sum of ``contributors`` discrete Gaussians."""
+    """The concentrated-DP parameter e of a sum of ``contributors`` discrete Gaussians.
+
+    KLS's Thm 1, or one device's ``D2 / s`` if smaller (and always when s < 1/2, outside Thm 1).
+    """
     if local_sigma2 <= 0:
         return math.inf
+    alone = l2 / math.sqrt(local_sigma2)
+    if not _sum_theorem_applies(local_sigma2, contributors):
+        return alone
     n = contributors
-    k = np.arange(1, n, dtype=np.float64)
-    tau = 10.0 * float(np.sum(np.exp(-2.0 * math.pi**2 * local_sigma2 * k / (k + 1.0)))) if n > 1 else 0.0
+    tau = _discrete_gaussian_tau(local_sigma2, n)
     first = math.sqrt(l2 * l2 / (n * local_sigma2) + 0.5 * tau * dim)
     second = l2 / (math.sqrt(n) * math.sqrt(local_sigma2)) + tau * math.sqrt(dim)
-    return min(first, second)
+    return min(first, second, alone)
 
 
 def discrete_gaussian_sum_rdp(
-    orders: np.ndarray, l2: float, local_sigma2: float, contributors: int, dim: int
+    orders: np.ndarray, l1: float, l2: float, local_sigma2: float, contributors: int, dim: int
 ) -> np.ndarray:
-    e = discrete_gaussian_sum_epsilon(l2, local_sigma2, contributors, dim)
-    return np.asarray(orders, dtype=np.float64) * (e * e / 2.0)
+    """The pointwise minimum of KLS's Thm 1 and Prop 14 curves and one device's (module docstring)."""
+    orders = np.asarray(orders, dtype=np.float64)
+    if local_sigma2 <= 0:
+        return np.full(orders.shape, np.inf)
+    alone = orders * (l2 * l2 / (2.0 * local_sigma2))
+    if not _sum_theorem_applies(local_sigma2, contributors):
+        return alone
+    scale = math.sqrt(contributors * local_sigma2)
+    a, b = l2 / scale, l1 / scale
+    tau = _discrete_gaussian_tau(local_sigma2, contributors)
+    half = orders / 2.0
+    curves = np.stack([
+        half * (a * a + 0.5 * tau * dim),
+        half * (a + tau * math.sqrt(dim)) ** 2,
+        half * a * a + tau * dim,
+        half * (a * a + 2.0 * b * tau + tau * tau * dim),
+        alone,
+    ])
+    return np.min(curves, axis=0)
 
 
 def poisson_subsampled_rdp(orders: np.ndarray, q: float, base_rdp_at) -> np.ndarray:
@@ -129,20 +175,32 @@ def mechanism_rdp(event: ParticipationEvent, orders: np.ndarray, local_only: boo
         return skellam_rdp(orders, event.l1_sensitivity, event.l2_sensitivity, variance / 2.0)
     if event.mechanism == "discrete_gaussian":
         contributors = 1 if local_only else event.honest_contributors
-        return discrete_gaussian_sum_rdp(orders, event.l2_sensitivity, event.local_variance, contributors, event.dim)
+        return discrete_gaussian_sum_rdp(
+            orders, event.l1_sensitivity, event.l2_sensitivity, event.local_variance, contributors, event.dim
+        )
     raise ConfigError(f"no RDP curve for mechanism {event.mechanism!r}")
 
 
 def event_rdp(event: ParticipationEvent, orders: np.ndarray = DEFAULT_ORDERS, local_only: bool = False) -> np.ndarray:
     """The RDP curve of one participation, with Poisson amplification when it was self-sampled.
 
-    Local-only figures never claim amplification: whoever sees a device's individual update knows
-    that the device took part.
+    The amplified curve is capped at every order by the unamplified one: both are upper bounds, and
+    Zhu-Wang's generic slack can exceed what sampling saves. Local-only figures never claim
+    amplification: whoever sees a device's individual update knows that the device took part.
     """
     q = event.sampling_probability
+    plain = mechanism_rdp(event, orders, local_only)
     if local_only or q is None or q >= 1.0:
-        return mechanism_rdp(event, orders, local_only)
-    return poisson_subsampled_rdp(orders, q, lambda ls: mechanism_rdp(event, ls))
+        return plain
+    return capped_subsampled_rdp(orders, q, lambda ls: mechanism_rdp(event, ls), plain)
+
+
+def capped_subsampled_rdp(orders: np.ndarray, q: float, base_rdp_at, plain: np.ndarray | None = None) -> np.ndarray:
+    """Zhu-Wang's subsampled curve, never above the curve without amplification (``plain``)."""
+    orders = np.asarray(orders, dtype=np.float64)
+    if plain is None:
+        plain = np.asarray(base_rdp_at(orders), dtype=np.float64)
+    return np.minimum(poisson_subsampled_rdp(orders, q, base_rdp_at), plain)
 
 
 def epsilon_from_rdp(orders: np.ndarray, rdp: np.ndarray, delta: float) -> float:

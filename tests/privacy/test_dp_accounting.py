@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 from scipy import optimize, special, stats
 
 from aggregator.accounting.accountant import FleetAccountant, FleetRdpAccountant, epsilon_of, make_accountant
-from aggregator.accounting.events import SkellamDpEvent, round_dp_event
+from aggregator.accounting.events import DistributedDiscreteGaussianDpEvent, SkellamDpEvent, round_dp_event
 from edge_sdk.errors import ConfigError
 from edge_sdk.privacy.encoding import EncodingParams
 from edge_sdk.privacy.participation import participation_event
@@ -23,8 +23,10 @@ from edge_sdk.privacy.rdp import (
     DEFAULT_ORDERS,
     composed_rdp,
     discrete_gaussian_sum_epsilon,
+    discrete_gaussian_sum_rdp,
     epsilon_from_rdp,
     gaussian_rdp,
+    mechanism_rdp,
     poisson_subsampled_rdp,
     skellam_rdp,
 )
@@ -129,12 +131,107 @@ def test_discrete_gaussian_sum_known_answers():
     assert discrete_gaussian_sum_epsilon(2.0, 0.25, 2, 10) == pytest.approx(min(first, second), rel=1e-12)
 
 
-def test_discrete_gaussian_event_is_the_exact_zcdp_statement():
+def test_discrete_gaussian_event_carries_the_sum_and_the_host_uses_the_device_curve():
     params = EncodingParams(dim=500, clip=1.0, gamma=0.01, bits=20, rotation_seed=SEED)
     event = participation_event(params, "distributed", "discrete_gaussian", 1.0, 10)
     dp = round_dp_event(event)
-    e = discrete_gaussian_sum_epsilon(event.l2_sensitivity, event.local_variance, 10, event.dim)
-    assert dp == dp_event.ZCDpEvent(rho=e * e / 2, xi=0.0)
+    assert dp == DistributedDiscreteGaussianDpEvent(
+        event.l1_sensitivity, event.l2_sensitivity, event.local_variance, 10, event.dim
+    )
+    acc = FleetRdpAccountant()
+    acc.compose(dp, 3)
+    orders = np.asarray(rdp_privacy_accountant.DEFAULT_RDP_ORDERS, dtype=np.float64)
+    expected = 3 * discrete_gaussian_sum_rdp(orders, event.l1_sensitivity, event.l2_sensitivity,
+                                             event.local_variance, 10, event.dim)
+    np.testing.assert_allclose(acc.rdp, expected, rtol=1e-12)
+
+
+def _kls_curves(orders, l1, l2, sigma2, n, dim):
+    """The four curves of KLS Thm 1 and Prop 14, written out independently."""
+    tau = 10 * sum(math.exp(-2 * math.pi**2 * sigma2 * k / (k + 1)) for k in range(1, n))
+    a, b = l2 / math.sqrt(n * sigma2), l1 / math.sqrt(n * sigma2)
+    thm1 = [orders * (a * a + tau * dim / 2) / 2, orders * (a + tau * math.sqrt(dim)) ** 2 / 2]
+    prop14 = [orders * a * a / 2 + tau * dim, orders * (a * a + 2 * b * tau + tau * tau * dim) / 2]
+    return thm1, prop14
+
+
+@settings(max_examples=60, deadline=None)
+@given(sigma2=st.floats(0.25, 4.0), n=st.integers(2, 200), l2=st.floats(1.0, 50.0), dim=st.integers(1, 10**5))
+def test_discrete_gaussian_curve_is_the_pointwise_minimum_of_thm1_and_prop14(sigma2, n, l2, dim):
+    orders = DEFAULT_ORDERS
+    l1 = min(l2 * l2, math.sqrt(dim) * l2)
+    thm1, prop14 = _kls_curves(orders, l1, l2, sigma2, n, dim)
+    curve = discrete_gaussian_sum_rdp(orders, l1, l2, sigma2, n, dim)
+    alone = orders * l2 * l2 / (2 * sigma2)  # one device's discrete Gaussian, the others' noise post-processing
+    np.testing.assert_allclose(curve, np.min(np.stack([*thm1, *prop14, alone]), axis=0), rtol=1e-12)
+    # Never above Thm 1 (the zCDP statement used before), and the two bounds' e agree where Thm 1 rules.
+    e = discrete_gaussian_sum_epsilon(l2, sigma2, n, dim)
+    assert np.all(curve <= orders * e * e / 2 * (1 + 1e-12))
+
+
+def test_thm1_rules_at_low_orders_and_prop14_at_high_ones_so_the_minimum_beats_both():
+    # Small dim and s^2 = 0.55 (tau ~ 0.08): Thm 1 wins at orders 1.5 and 2, Prop 14 at 8 and above.
+    orders = np.array([1.5, 2.0, 8.0, 1024.0])
+    l2, sigma2, n, dim = 36.5, 0.55, 85, 228
+    l1 = min(l2 * l2, math.sqrt(dim) * l2)
+    thm1, prop14 = _kls_curves(orders, l1, l2, sigma2, n, dim)
+    curve = discrete_gaussian_sum_rdp(orders, l1, l2, sigma2, n, dim)
+    best_thm1, best_prop14 = np.minimum(*thm1), np.minimum(*prop14)
+    np.testing.assert_allclose(curve[:2], best_thm1[:2], rtol=1e-12)
+    np.testing.assert_allclose(curve[2:], best_prop14[2:], rtol=1e-12)
+    assert np.all(best_thm1[:2] < best_prop14[:2] * 0.95) and np.all(best_prop14[2:] < best_thm1[2:] * 0.9)
+
+
+def test_below_sigma_one_half_the_sum_is_accounted_as_one_devices_discrete_gaussian():
+    orders = np.array([2.0, 10.0])
+    # s = 0.4 < 1/2: Thm 1 and Prop 14 do not apply, whatever n is.
+    curve = discrete_gaussian_sum_rdp(orders, 4.0, 2.0, 0.16, 100, 1000)
+    np.testing.assert_allclose(curve, orders * 4.0 / (2 * 0.16), rtol=1e-12)
+    assert discrete_gaussian_sum_epsilon(2.0, 0.16, 100, 1000) == pytest.approx(2.0 / 0.4)
+    # At s = 1/2 the theorems apply, and with few devices in few dimensions they beat one device alone;
+    # with 100 devices in 1000 dimensions tau d is so large that one device alone is the better bound.
+    assert discrete_gaussian_sum_rdp(orders, 4.0, 2.0, 0.25, 3, 2)[0] < 2.0 * 4.0 / (2 * 0.25)
+    np.testing.assert_allclose(discrete_gaussian_sum_rdp(orders, 4.0, 2.0, 0.25, 100, 1000), orders * 4.0 / 0.5)
+
+
+def test_discrete_gaussian_with_negligible_tau_matches_dp_accountings_gaussian():
+    # s^2 = 100 per device: tau ~ 1e-855, so the curve is the Gaussian's of noise multiplier sqrt(n) s / D2.
+    event = DistributedDiscreteGaussianDpEvent(500.0, 50.0, 100.0, 20, 4096)
+    ours, theirs = FleetRdpAccountant(), rdp_privacy_accountant.RdpAccountant()
+    ours.compose(event, 40)
+    theirs.compose(dp_event.GaussianDpEvent(math.sqrt(20 * 100.0) / 50.0), 40)
+    np.testing.assert_allclose(ours.rdp, theirs.rdp, rtol=1e-12)
+    assert ours.get_epsilon(1e-6) == pytest.approx(theirs.get_epsilon(1e-6), rel=1e-12)
+    exact = analytic_gaussian_epsilon(math.sqrt(40) * 50.0 / math.sqrt(2000.0), 1e-6)
+    assert exact <= ours.get_epsilon(1e-6) <= exact * 1.25
+
+
+@pytest.mark.parametrize("mechanism", ["skellam", "discrete_gaussian"])
+def test_claiming_amplification_never_reports_more_than_claiming_none(mechanism):
+    # q = 0.95 over 10 rounds: Zhu-Wang's generic bound alone gave 11.438 against 8.866 (Skellam) and
+    # 8.857 (discrete Gaussian) without amplification; capped per order it can only be lower.
+    params = EncodingParams(dim=4096, clip=1.0, gamma=1e-3, bits=20, rotation_seed=SEED)
+    sampled = participation_event(params, "distributed", mechanism, 2.0, 90, sampling_probability=0.95)
+    plain = participation_event(params, "distributed", mechanism, 2.0, 90)
+    inner = mechanism_rdp(sampled, DEFAULT_ORDERS)
+    uncapped = epsilon_from_rdp(DEFAULT_ORDERS, 10 * poisson_subsampled_rdp(
+        DEFAULT_ORDERS, 0.95, lambda ls: mechanism_rdp(sampled, ls)), 1e-6)
+    without = epsilon_from_rdp(DEFAULT_ORDERS, 10 * inner, 1e-6)
+    assert uncapped > without + 2.0  # the inversion the cap removes
+    host = epsilon_of({round_dp_event(sampled): 10}, 1e-6)
+    device = epsilon_from_rdp(DEFAULT_ORDERS, composed_rdp([(sampled, 10)]), 1e-6)
+    assert host == pytest.approx(device, rel=1e-9)
+    assert host <= epsilon_of({round_dp_event(plain): 10}, 1e-6) * (1 + 1e-12)
+    assert host == pytest.approx(without, rel=1e-9)  # here the cap binds at the optimal order
+
+
+@settings(max_examples=25, deadline=None)
+@given(q=st.floats(0.001, 1.0), z=st.floats(0.3, 5.0), rounds=st.integers(1, 200))
+def test_amplified_epsilon_is_never_above_the_unamplified_one(q, z, rounds):
+    params = EncodingParams(dim=1024, clip=1.0, gamma=1e-3, bits=20, rotation_seed=SEED)
+    sampled = participation_event(params, "distributed", "skellam", z, 50, sampling_probability=q)
+    plain = participation_event(params, "distributed", "skellam", z, 50)
+    assert epsilon_of({round_dp_event(sampled): rounds}, 1e-6) <= epsilon_of({round_dp_event(plain): rounds}, 1e-6)
 
 
 def test_device_rdp_and_host_accountant_agree():
