@@ -5,14 +5,23 @@ inside 2^b without wrapping, a larger gamma inflates the rounded vector's norm (
 and that costs epsilon. The helper searches the noise multiplier z (central noise std ``z * C``)
 and, for each z, takes the smallest gamma whose modular-wrap probability is within bounds.
 
-Wrap model (per coordinate of the mod-2^b sum, in the integer domain, union-bounded over the D
-padded coordinates): the n = cohort signals share one rotation, so their sum has L2 norm <= nC and
-each rotated coordinate is sub-Gaussian with variance proxy (nC/gamma)^2 / D (Hoeffding over the
-random signs); each device's rounding adds a zero-mean value in [-1, 1] (proxy 1/4); the noise of
-all n survivors has variance n sigma^2 / t_honest (treated as Gaussian, which Skellam and
-discrete-Gaussian sums are close to at the variances used). So::
+Wrap model (in the style of Kairouz-Liu-Steinke's reference code, which fits k standard deviations
+of a sub-Gaussian aggregate in 2^b): a tail bound on *one* coordinate of the mod-2^b sum, so the
+criterion is the expected fraction of wrapped coordinates, not a union bound over all D of them.
+One coordinate S of the integer sum of n = cohort encodings is the sum of three independent parts:
 
-    P(wrap) <= 2 D exp(-(2^(b-1))^2 / (2 V)),  V = (nC/gamma)^2 / D + n / 4 + n (zC/gamma)^2 / t_honest
+- the signal: the n signals share one rotation, so their sum has L2 norm <= nC/gamma and each
+  rotated coordinate is a Rademacher sum, sub-Gaussian with proxy (nC/gamma)^2 / D (Hoeffding);
+- the rounding: each device's is zero-mean in an interval of length 1, proxy 1/4 (Hoeffding's lemma);
+- the noise of the n survivors, each adding sigma^2/t_honest: a discrete Gaussian is sub-Gaussian
+  with proxy its parameter (Canonne-Kamath-Steinke'20); a Skellam sum ``Sk(mu, mu)`` has the exact
+  moment generating function ``exp(2 mu (cosh l - 1))``, heavier than any Gaussian's.
+
+So, with s the summed sub-Gaussian proxies, mu the Skellam part and h = 2^(b-1) (Chernoff)::
+
+    P(S outside [-h, h)) <= 2 min_l exp(l^2 s / 2 + 2 mu (cosh l - 1) - l h)
+
+Conditional rounding's re-draws are ignored here (they only keep the rounded norm small).
 """
 
 from __future__ import annotations
@@ -60,31 +69,77 @@ class Calibration:
 
 
 def wrap_probability(gamma: float, clip: float, noise_multiplier: float, cohort: int, t_honest: int,
-                     padded_dim: int, bits: int) -> float:
-    """The union bound above on the chance that any coordinate of the sum wraps mod 2^b."""
-    variance = _sum_variance_proxy(gamma, clip, noise_multiplier, cohort, t_honest, padded_dim)
-    half = float(1 << (bits - 1))
-    return min(1.0, 2.0 * padded_dim * math.exp(-half * half / (2.0 * variance)))
+                     padded_dim: int, bits: int, mechanism: str = "skellam") -> float:
+    """The tail bound above: the chance that one coordinate of the sum wraps mod 2^b.
+
+    That is also the expected fraction of the D coordinates that wrap.
+    """
+    sub_gaussian, mu = _sum_tail_parts(gamma, clip, noise_multiplier, cohort, t_honest, padded_dim, mechanism)
+    return _chernoff_two_sided(float(1 << (bits - 1)), sub_gaussian, mu)
 
 
-def _sum_variance_proxy(gamma, clip, z, cohort, t_honest, padded_dim) -> float:
+def _sum_tail_parts(gamma, clip, z, cohort, t_honest, padded_dim, mechanism) -> tuple[float, float]:
+    """(sub-Gaussian proxy, Skellam mu) of one coordinate of the integer-domain sum."""
     scaled = clip / gamma
-    return (cohort * scaled) ** 2 / padded_dim + cohort / 4.0 + cohort * (z * scaled) ** 2 / t_honest
+    sub_gaussian = (cohort * scaled) ** 2 / padded_dim + cohort / 4.0
+    noise_variance = cohort * (z * scaled) ** 2 / t_honest
+    if mechanism == "discrete_gaussian":
+        return sub_gaussian + noise_variance, 0.0
+    return sub_gaussian, noise_variance / 2.0
+
+
+def _chernoff_two_sided(h: float, sub_gaussian: float, mu: float) -> float:
+    """``2 min_l exp(l^2 s/2 + 2 mu (cosh l - 1) - l h)``, capped at 1."""
+    if mu <= 0:  # purely sub-Gaussian: the minimum is at l = h / s
+        return min(1.0, 2.0 * math.exp(-h * h / (2.0 * sub_gaussian)))
+
+    def slope(lam: float) -> float:  # the exponent's derivative: increasing, negative at 0
+        return lam * sub_gaussian + 2.0 * mu * math.sinh(lam) - h
+
+    high = min(h / sub_gaussian if sub_gaussian > 0 else math.inf, math.asinh(h / (2.0 * mu)))
+    low = 0.0
+    for _ in range(200):  # bisection on the slope's root; the exponent is convex
+        mid = 0.5 * (low + high)
+        if slope(mid) > 0:
+            high = mid
+        else:
+            low = mid
+        if high - low <= 1e-12 * high:
+            break
+    lam = low  # any lambda gives a valid bound; this one is within float noise of the best
+    exponent = 0.5 * lam * lam * sub_gaussian + 2.0 * mu * (math.cosh(lam) - 1.0) - lam * h
+    return min(1.0, 2.0 * math.exp(exponent))
 
 
 def smallest_gamma(clip: float, noise_multiplier: float, cohort: int, t_honest: int, padded_dim: int,
-                   bits: int, max_wrap: float) -> float:
+                   bits: int, max_wrap: float, mechanism: str = "skellam") -> float:
     """The smallest gamma whose wrap bound is <= ``max_wrap``; ConfigError if no gamma can do it."""
     half = float(1 << (bits - 1))
-    budget = half * half / (2.0 * math.log(2.0 * padded_dim / max_wrap))  # the largest V allowed
-    room = budget - cohort / 4.0  # what the rounding of the cohort leaves for signal and noise
-    if room <= 0:
+    if _chernoff_two_sided(half, cohort / 4.0, 0.0) > max_wrap:  # gamma -> infinity leaves the rounding only
         raise ConfigError(
-            f"bits={bits} is too few for a cohort of {cohort}: the rounding errors alone would wrap "
+            f"bits={bits} is too few for a cohort of {cohort}: the rounding errors alone would wrap a coordinate "
             f"mod 2^{bits} with probability above {max_wrap:g}; raise bits or shrink the cohort"
         )
+
+    def fits(g: float) -> bool:
+        return wrap_probability(g, clip, noise_multiplier, cohort, t_honest, padded_dim, bits, mechanism) <= max_wrap
+
+    # Treating every part as sub-Gaussian gives a closed form that no larger bound can beat: start there.
+    budget = half * half / (2.0 * math.log(2.0 / max_wrap)) - cohort / 4.0
     a = (cohort * clip) ** 2 / padded_dim + cohort * (noise_multiplier * clip) ** 2 / t_honest
-    return math.sqrt(a / room) * (1.0 + 1e-9)  # a hair above, so the bound holds after float rounding
+    low = math.sqrt(a / budget) * (1.0 - 1e-9) if budget > 0 else 1e-300
+    high = max(low, 1e-300) * 2.0
+    while not fits(high):
+        low, high = high, high * 2.0
+    for _ in range(100):
+        mid = math.sqrt(low * high)
+        if fits(mid):
+            high = mid
+        else:
+            low = mid
+        if high - low <= 1e-9 * high:
+            break
+    return high
 
 
 def _validate(target_epsilon, delta, cohort_size, rounds, dim, bits, population, dropout_fraction,
@@ -150,7 +205,7 @@ def calibrate(
 
     def knobs(z: float) -> tuple[float, float]:
         g = gamma if gamma is not None else smallest_gamma(
-            clip, z, cohort_size, t_honest, padded, bits, max_wrap_probability
+            clip, z, cohort_size, t_honest, padded, bits, max_wrap_probability, mechanism
         )
         params = EncodingParams(dim=dim, clip=clip, gamma=g, bits=bits, rotation_seed=_CALIBRATION_SEED,
                                 beta=DEFAULT_BETA)
@@ -178,7 +233,7 @@ def calibrate(
                 break
     z = z_high
     g, eps = knobs(z)
-    wrap = wrap_probability(g, clip, z, cohort_size, t_honest, padded, bits)
+    wrap = wrap_probability(g, clip, z, cohort_size, t_honest, padded, bits, mechanism)
     warnings = []
     if g * math.sqrt(padded) > GAMMA_SQRT_D_RATIO * clip:
         warnings.append(
@@ -187,7 +242,8 @@ def calibrate(
         )
     if wrap > max_wrap_probability:
         warnings.append(
-            f"modular clipping probability {wrap:.2e} exceeds {max_wrap_probability:.0e}: raise gamma or bits"
+            f"modular clipping probability {wrap:.2e} per coordinate exceeds {max_wrap_probability:.0e}: "
+            "raise gamma or bits"
         )
     for message in warnings:
         log.warning("calibration: %s", message)
