@@ -134,7 +134,6 @@ class ClientState:
     index: Mapping[str, int] = field(default_factory=dict)  # 1-based roster positions = Shamir x
     holders: tuple[str, ...] = ()  # the members this device drew to hold its shares
     partners: Mapping[str, NeighbourKey] = field(default_factory=dict)  # mask partners' adverts
-    drawn_by: frozenset[str] = frozenset()  # partners that drew this device: it may hold their shares
     shared: tuple[str, ...] = ()  # U2 as the relay named it
     shared_bitmap: bytes = b""
     held_shares: Mapping[str, SharePlaintext] = field(default_factory=dict)
@@ -342,13 +341,10 @@ def _on_roster(state: ClientState, roster: Roster, now: float) -> tuple[ClientSt
         raise ProtocolViolationError("roster adverts repeat a device, are out of id order, or name non-members")
     if set(holders) - set(keys):
         raise ProtocolViolationError(f"roster withholds the adverts of holders {sorted(set(holders) - set(keys))[:5]}")
-    drawn_by = set()
     for v, key in keys.items():
         codec.verify(key.advert(roster.round_index, start.round_nonce), state.config.enrolled[v],
                      f"device {v!r} (advert in roster)")
-        if me in _drawn_holders(state, key, roster.degree):
-            drawn_by.add(v)
-        elif v not in holders:
+        if v not in holders and me not in _drawn_holders(state, key, roster.degree):
             raise ProtocolViolationError(f"roster names {v!r} as a partner, but {v!r} did not draw this device")
     session_id = codec.session_id_of(roster)
     index = {member: i + 1 for i, member in enumerate(members)}
@@ -369,7 +365,7 @@ def _on_roster(state: ClientState, roster: Roster, now: float) -> tuple[ClientSt
         shares.append(EncryptedShare(me, v, nonce, ciphertext))
     out = _sign(state, ShareKeys(me, session_id, roster.round_index, tuple(shares)))
     new = replace(roster_state, stage=Stage.SHARE_KEYS, session_id=session_id, members=members, index=index,
-                  partners=keys, drawn_by=frozenset(drawn_by), held_shares={me: own_share},
+                  partners=keys, held_shares={me: own_share},
                   deadline=now + state.config.stage_timeout)
     return new, [out]
 
@@ -389,7 +385,8 @@ def _share_keys(state: ClientState, message: object, now: float) -> tuple[Client
     rejected: list[str] = []
     for share in message.shares:
         v = share.sender
-        if share.receiver != me or v in senders or v not in state.drawn_by or v not in shared_set:
+        # Any partner in U2 may have drawn this device; a share from one that did not is never asked for.
+        if share.receiver != me or v in senders or v not in state.partners or v not in shared_set:
             raise ProtocolViolationError(f"relay carries a share from {v!r} to {share.receiver!r} that is not ours")
         senders.append(v)
         key = share_encryption_key(state.c_key.exchange(state.partners[v].c_public), state.session_id)

@@ -26,16 +26,23 @@ _DOMAIN = b"fleetlearn/secagg/v2/share-holders|"
 
 
 class _HashStream:
-    """Deterministic random integers from SHA-256(seed || counter) with rejection sampling."""
+    """Deterministic random integers from SHA-256(seed || counter) with rejection sampling.
+
+    Each 32-byte block yields four 64-bit words: every device checks about k partners' draws of k
+    holders each, so one hash per word was most of a roster check.
+    """
 
     def __init__(self, seed: bytes) -> None:
         self._seed = seed
         self._counter = 0
+        self._words: list[int] = []
 
     def _word(self) -> int:
-        block = hashlib.sha256(self._seed + self._counter.to_bytes(8, "big")).digest()
-        self._counter += 1
-        return int.from_bytes(block[:8], "big")
+        if not self._words:
+            block = hashlib.sha256(self._seed + self._counter.to_bytes(8, "big")).digest()
+            self._counter += 1
+            self._words = [int.from_bytes(block[i : i + 8], "big") for i in (24, 16, 8, 0)]
+        return self._words.pop()
 
     def below(self, bound: int) -> int:
         """Uniform integer in [0, bound) without modulo bias."""
