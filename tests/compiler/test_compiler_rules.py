@@ -304,6 +304,10 @@ def test_every_registered_rule_has_a_test_case():
 
     covered = {n.op_type for build in RULE_CASES.values() for n in build().graph.node}
     covered |= {n.op_type for case in NEW_OP_CASES.values() for n in build_model(case).graph.node}
+    from test_compiler_recurrent import CONFIGS as RECURRENT_CASES
+    from test_compiler_recurrent import recurrent_model
+
+    covered |= {n.op_type for case in RECURRENT_CASES for n in recurrent_model(*case).graph.node}
     assert set(supported_ops()) <= covered, f"rules without a test: {set(supported_ops()) - covered}"
 
 
