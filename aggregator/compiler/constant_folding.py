@@ -12,6 +12,7 @@ as known. Folded values become Constant nodes, not initializers, so they are nev
 
 from __future__ import annotations
 
+import contextlib
 import logging
 
 import numpy as np
@@ -28,8 +29,15 @@ NEVER_FOLDED = frozenset({
 })
 
 
-def _elem_types(graph: onnx.GraphProto) -> dict[str, int]:
-    types = {v.name: v.type.tensor_type.elem_type for v in graph.input}
+def _elem_types(model: onnx.ModelProto) -> dict[str, int]:
+    """Element types of inputs, initializers and (when a CastLike needs them) inferred intermediates."""
+    graph = model.graph
+    values = list(graph.input)
+    if any(n.op_type == "CastLike" for n in graph.node):
+        # on failure, CastLike nodes whose target type is unknown are simply not folded
+        with contextlib.suppress(onnx.shape_inference.InferenceError, onnx.checker.ValidationError):
+            values += list(onnx.shape_inference.infer_shapes(model).graph.value_info)
+    types = {v.name: v.type.tensor_type.elem_type for v in values if v.type.tensor_type.elem_type}
     types.update({t.name: t.data_type for t in graph.initializer})
     return types
 
@@ -38,7 +46,7 @@ def fold_constants(model: onnx.ModelProto) -> int:
     """Replace constant sub-graphs of ``model`` by Constant nodes in place; returns how many nodes were folded."""
     graph = model.graph
     inits = {t.name: t for t in graph.initializer}
-    types = _elem_types(graph)
+    types = _elem_types(model)
     known = {name for name, t in inits.items() if t.data_type not in FLOAT_TYPES}
     known.update(n.output[0] for n in graph.node if n.op_type == "Constant")
     outputs = {v.name for v in graph.output}
@@ -59,7 +67,8 @@ def fold_constants(model: onnx.ModelProto) -> int:
     folded_ids = {id(n) for n in folded}
     remaining_inputs = {name for n in graph.node if id(n) not in folded_ids for name in n.input}
     wanted = [o for n in folded for o in n.output if o in remaining_inputs]
-    values = _evaluate(model, folded, wanted, inits, types)
+    constant_nodes = [n for n in graph.node if n.op_type == "Constant"]
+    values = _evaluate(model, constant_nodes + folded, wanted, inits, types)
     if values is None:
         return 0
     rebuilt = []

@@ -162,12 +162,20 @@ def matmul_grad(ctx: GradContext, node, grads):
                 gb = em.node("Gemm", [em.reshape(a, [-1, k]), em.reshape(g, [-1, n])], transA=1)
         return [ga, gb]
     out = node.output[0]
+    so = ctx.shape(node, out)
     swap_a = list(range(len(sa) - 2)) + [len(sa) - 1, len(sa) - 2]
     swap_b = list(range(len(sb) - 2)) + [len(sb) - 1, len(sb) - 2]
+
+    def batch_sum(grad, name, shape):
+        """Sum over broadcast batch dims; the matrix dims of ``name`` need not match the output's."""
+        if len(shape) == len(so) and shape[:-2] == so[:-2]:
+            return grad  # the batch dims match (attention's [N, heads, T, d]): nothing was broadcast
+        return ctx.unbroadcast(grad, node, out, name)
+
     if ctx.needs(a):
-        ga = ctx.unbroadcast(em.node("MatMul", [g, em.node("Transpose", [b], perm=swap_b)]), node, out, a)
+        ga = batch_sum(em.node("MatMul", [g, em.node("Transpose", [b], perm=swap_b)]), a, sa)
     if ctx.needs(b):
-        gb = ctx.unbroadcast(em.node("MatMul", [em.node("Transpose", [a], perm=swap_a), g]), node, out, b)
+        gb = batch_sum(em.node("MatMul", [em.node("Transpose", [a], perm=swap_a), g]), b, sb)
     return [ga, gb]
 
 

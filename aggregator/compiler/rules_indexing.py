@@ -1,4 +1,5 @@
-"""Gradient rules for indexing and broadcasting: Gather (constant indices and Embedding look-ups) and Expand.
+"""Gradient rules for indexing, broadcasting and casts: Gather (constant indices and Embedding look-ups),
+Expand, and Cast/CastLike between float values (the model has one float dtype, so they are identities).
 
 Gather's gradient scatters dY back to the gathered positions, summing duplicates. It is written as a
 product with a one-hot matrix, which needs only Gemm/MatMul and works at every opset: a constant
@@ -53,3 +54,9 @@ def gather_grad(ctx: GradContext, node, grads):
 def expand_grad(ctx: GradContext, node, grads):
     """Expand broadcasts like Add with a zero tensor: sum the gradient back to the input's shape."""
     return [ctx.unbroadcast(grads[0], node, node.output[0], node.input[0]), None]
+
+
+@rule("Cast", "CastLike")
+def cast_grad(ctx: GradContext, node, grads):
+    """Only float-to-float casts carry a gradient, and every float value has the compile dtype."""
+    return [grads[0]] + [None] * (len(node.input) - 1)

@@ -135,7 +135,8 @@ def zero_state(compiled: CompiledGraphs) -> dict[str, np.ndarray]:
 
 def train_step(compiled, runner, params, x, y, lr, step=1, state=None) -> dict[str, np.ndarray]:
     m = compiled.manifest
-    feeds = {"x": x, "y": y, "lr": np.asarray(lr, dtype=m.x.dtype), "step": np.asarray(step, dtype=np.int64)}
+    lr = np.asarray(lr, dtype=m.output.dtype)  # the parameters' dtype (x may hold int64 token ids)
+    feeds = {"x": x, "y": y, "lr": lr, "step": np.asarray(step, dtype=np.int64)}
     feeds.update({p.input: params[p.name] for p in m.trainable})
     feeds.update(state if state is not None else zero_state(compiled))
     return runner(feeds)

@@ -145,6 +145,10 @@ CASES = {
         build=lambda t, h, extra: t.node("Gather", [t.node("Transpose", [h], perm=[1, 0, 2]), t.ints(1)], axis=0),
         numpy_forward=lambda h, extra: h[:, 1], numpy_backward=_head_split_backward,
         torch_forward=lambda torch, h, extra: h.transpose(0, 1)[1]),
+    "castlike_between_floats": OpCase(  # dynamo's CastLike(value, like): an identity within one float dtype
+        build=lambda t, h, extra: t.node("CastLike", [h, h]),
+        numpy_forward=lambda h, extra: h, numpy_backward=lambda h, extra, g: (g, []),
+        torch_forward=lambda torch, h, extra: h),
     "expand": OpCase(
         build=lambda t, h, extra: t.node("Expand", [h, t.ints([1, 4, 1])]),
         numpy_forward=lambda h, extra: np.broadcast_to(h, (h.shape[0], 4, h.shape[2])),

@@ -297,10 +297,10 @@ def test_rule_gradient_matches_finite_differences(case):
 
 
 def test_every_registered_rule_has_a_test_case():
-    from aggregator.compiler import supported_ops
-
     from test_compiler_new_ops import CASES as NEW_OP_CASES
     from test_compiler_new_ops import build_model
+
+    from aggregator.compiler import supported_ops
 
     covered = {n.op_type for build in RULE_CASES.values() for n in build().graph.node}
     covered |= {n.op_type for case in NEW_OP_CASES.values() for n in build_model(case).graph.node}
