@@ -53,7 +53,6 @@ def local_updates(session, device_data, global_params, names):
     return base, updates
 
 
-@pytest.mark.slow
 def test_survivors_sum_decodes_to_the_mean_of_their_clipped_updates(digits_setup):
     session, device_data, _ = digits_setup
     global_params = TrainingState(session).get_params()
@@ -80,7 +79,6 @@ def test_survivors_sum_decodes_to_the_mean_of_their_clipped_updates(digits_setup
     assert np.linalg.norm(expected) > 100 * params.gamma * np.sqrt(params.padded_dim)  # the check has teeth
 
 
-@pytest.mark.slow
 def test_a_noisy_masked_round_of_fedavg_improves_the_model(digits_setup):
     session, device_data, test = digits_setup
     state = TrainingState(session)

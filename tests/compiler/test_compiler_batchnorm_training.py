@@ -71,6 +71,7 @@ def test_bundle_carries_running_statistics_as_buffers_not_parameters():
     assert {b.input for b in m.buffers} <= {i.name for i in compiled.eval.graph.input}
 
 
+@pytest.mark.slow  # about 2.2 s
 def test_gradients_through_batch_statistics_match_autograd_and_finite_differences():
     net = make_bn_cnn().double()
     compiled = compile_graphs(export_training(make_bn_cnn()), loss="cross_entropy", optimizer="sgd", dtype="float64")

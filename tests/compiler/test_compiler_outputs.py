@@ -82,7 +82,6 @@ def test_unknown_output_name_is_an_error_listing_the_outputs():
         compile_graphs(classifier_with_label_output(), loss="cross_entropy", optimizer="sgd", output="logit")
 
 
-@pytest.mark.slow
 def test_real_skl2onnx_mlp_classifier_keeps_its_accuracy_and_trains(tmp_path):
     skl2onnx = pytest.importorskip("skl2onnx")
     from sklearn.datasets import load_digits

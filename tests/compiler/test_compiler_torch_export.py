@@ -46,7 +46,8 @@ def export(net, example, dynamo):
     return onnx.load_from_string(buffer.getvalue())
 
 
-@pytest.mark.parametrize("dynamo", [False, True], ids=["torchscript_exporter", "dynamo_exporter"])
+@pytest.mark.parametrize("dynamo", [False, pytest.param(True, marks=pytest.mark.slow)],  # dynamo: 1-3 s each
+                         ids=["torchscript_exporter", "dynamo_exporter"])
 @pytest.mark.parametrize(("make", "x_shape"), [(make_mlp, (3, 4)), (make_cnn, (1, 12, 12))], ids=["mlp", "cnn"])
 def test_torch_export_compiles_and_gradients_match_autograd(make, x_shape, dynamo):
     net = make()
@@ -93,7 +94,8 @@ class MobileBlock(torch.nn.Module):
         return self.fc(self.drop(h))
 
 
-@pytest.mark.parametrize("dynamo", [False, True], ids=["torchscript_exporter", "dynamo_exporter"])
+@pytest.mark.parametrize("dynamo", [False, pytest.param(True, marks=pytest.mark.slow)],  # dynamo: 1-3 s each
+                         ids=["torchscript_exporter", "dynamo_exporter"])
 def test_exported_mobile_block_compiles_and_matches_finite_differences_and_autograd(dynamo):
     from compiler_harness import finite_difference_check
 

@@ -213,6 +213,7 @@ def test_x25519_agreement_matches_the_rfc7748_vector():
     plaintext=st.binary(max_size=200), round_index=st.integers(0, 2**64 - 1), sender=st.text(min_size=1, max_size=20)
 )
 @settings(max_examples=40, deadline=None)
+@pytest.mark.slow  # 1-4 s: 40 X25519 agreements and encryptions
 def test_share_encryption_round_trips_for_any_plaintext_and_context(plaintext, round_index, sender):
     key = share_encryption_key(bytes(32), b"s" * 32)
     aad = associated_data(b"s" * 32, round_index, sender, "receiver", 2)
