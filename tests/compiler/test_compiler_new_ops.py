@@ -22,6 +22,7 @@ from compiler_harness import (
     make_batch,
     sgd_gradients,
 )
+from onnx import TensorProto
 from test_compiler_rules import TinyModel
 
 from aggregator.compiler import compile_graphs
@@ -147,6 +148,10 @@ CASES = {
         torch_forward=lambda torch, h, extra: h.transpose(0, 1)[1]),
     "castlike_between_floats": OpCase(  # dynamo's CastLike(value, like): an identity within one float dtype
         build=lambda t, h, extra: t.node("CastLike", [h, h]),
+        numpy_forward=lambda h, extra: h, numpy_backward=lambda h, extra, g: (g, []),
+        torch_forward=lambda torch, h, extra: h),
+    "cast_between_floats": OpCase(  # Cast to the model's own float type (exporters' dtype bookkeeping)
+        build=lambda t, h, extra: t.node("Cast", [h], to=TensorProto.FLOAT),
         numpy_forward=lambda h, extra: h, numpy_backward=lambda h, extra, g: (g, []),
         torch_forward=lambda torch, h, extra: h),
     "expand": OpCase(
