@@ -10,7 +10,7 @@ BASE = ["plan", "--delta", "1e-6", "--cohort", "100", "--population", "10000", "
 def test_plan_reports_reference_secagg_parameters_and_meets_the_epsilon(capsys):
     assert main([*BASE, "--epsilon", "4", "--json"]) == 0
     plan = json.loads(capsys.readouterr().out)
-    assert (plan["secagg"]["degree_k"], plan["secagg"]["threshold_t"]) == (12, 6)
+    assert (plan["secagg"]["degree_k"], plan["secagg"]["threshold_t"]) == (12, 7)  # active-secure default: 2t > k + 1
     assert 0 < plan["privacy"]["epsilon"] <= 4.0
     assert plan["privacy"]["t_honest"] == 90
     assert plan["privacy"]["wrap_probability"] <= 1e-4

@@ -30,7 +30,7 @@ from typing import Any
 
 from edge_sdk.errors import ConfigError, FleetlearnError
 from edge_sdk.privacy.ledger import LedgerRollbackError
-from edge_sdk.privacy.ledger_head import LedgerHead
+from edge_sdk.privacy.ledger_head import LedgerHead, LedgerHeadError
 from edge_sdk.privacy.participation import ParticipationEvent
 from edge_sdk.privacy.rdp import DEFAULT_ORDERS, composed_rdp, epsilon_from_rdp
 
@@ -146,6 +146,17 @@ class ParticipationRecord:
         self.check(device_id, head)
         self._known.setdefault(device_id, []).append(KnownParticipation(round_id, event, head))
         return True
+
+    def ledger_check(self, device_id: str, head_bytes: bytes) -> str | None:
+        """The SecAgg+ server's ``LedgerCheck``: why the head a masked input carries is refused, or None.
+
+        It only checks; ``record`` runs once the round knows the device's input was summed.
+        """
+        try:
+            self.check(device_id, LedgerHead.from_bytes(head_bytes))
+        except (LedgerRollbackError, LedgerHeadError) as exc:
+            return str(exc)
+        return None
 
     def reinstate(self, device_id: str) -> None:
         """Clear a remembered refusal once an operator has restored the device's ledger."""
