@@ -9,7 +9,14 @@ onnxruntime.
 
 Targets at 1 thread: MLP <= 0.5x PyTorch, CNN <= 1.0x PyTorch, MLP RSS <= 80 MB.
 
-    python benchmarks/train_step.py [--quick] [--profile DIR]
+Real models (``torch_models``: resnet18, squeezenet1_1, mobilenet_v3_small full and head-only, a GRU
+keyword spotter; batch 32, 3x32x32 images): exported with ``aggregator.export.torch_to_onnx`` from
+``model.train()`` (BatchNorm with batch statistics, as PyTorch trains) or, head-only, from
+``model.eval()`` with only the head trainable, and timed against PyTorch training the same tensors
+from the same weights. Peak RSS of each side comes from its own fresh process (open + 6 steps), so
+neither pollutes the other's high-water mark.
+
+    python benchmarks/train_step.py [--quick] [--profile DIR] [--only mlp,cnn,resnet18,...]
 """
 
 from __future__ import annotations
@@ -308,10 +315,21 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="fewer repetitions (a smoke run)")
     parser.add_argument("--profile", metavar="DIR", help="write onnxruntime profiles of the fleetlearn steps")
+    parser.add_argument("--only", help="comma-separated model names (default: all)")
     args = parser.parse_args()
+    only = set(args.only.split(",")) if args.only else None
     scale = 0.2 if args.quick else 1.0
+    if only is None or only & {"mlp", "cnn"}:
+        small_models(scale, args.profile, only)
+    if torch is not None and (only is None or only - {"mlp", "cnn"}):
+        from real_models import real_model_table  # needs torch
+
+        real_model_table(scale, args.profile, only)
+
+
+def small_models(scale: float, profile: str | None, only: set[str] | None) -> None:
     rng = np.random.default_rng(0)
-    cases = [("mlp", "sgd"), ("mlp", "adam"), ("cnn", "sgd")]
+    cases = [c for c in (("mlp", "sgd"), ("mlp", "adam"), ("cnn", "sgd")) if only is None or c[0] in only]
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         bundles = {}
@@ -325,8 +343,8 @@ def main() -> None:
             path, w = bundles[kind, optimizer]
             repeats = max(20, int((400 if kind == "mlp" else 100) * scale))
             for threads in (1, 2):
-                rows.append(measure(kind, optimizer, threads, path, w, repeats, rng, args.profile))
-        rss, host = peak_rss_mb(RSS_SCRIPT, str(bundles["mlp", "sgd"][0]))
+                rows.append(measure(kind, optimizer, threads, path, w, repeats, rng, profile))
+        rss = peak_rss_mb(RSS_SCRIPT, str(bundles["mlp", "sgd"][0])) if ("mlp", "sgd") in bundles else None
         floor, _ = peak_rss_mb(FLOOR_SCRIPT)
 
     print(f"\nmedian ms per training step, batch {BATCH} (torch {torch.__version__ if torch else 'not installed'}, "
@@ -340,8 +358,9 @@ def main() -> None:
         torch_cell = f"{torch_ms:9.3f}" if torch_ms else f"{'-':>9}"
         print(f"{kind:<5} {optimizer:<5} {threads:>3} {fleet:11.3f} {torch_cell} {numpy_ms:8.3f} "
               f"{ratio} {fleet / numpy_ms:9.2f}  {target}")
-    print(f"\npeak RSS, MLP 784-128-10 SGD, 200 steps in a fresh process: {rss:.1f} MB (target <= 80 MB); "
-          f"baseline `import numpy, onnxruntime`: {floor:.1f} MB; host packages loaded: {host or 'none'}")
+    if rss is not None:
+        print(f"\npeak RSS, MLP 784-128-10 SGD, 200 steps in a fresh process: {rss[0]:.1f} MB (target <= 80 MB); "
+              f"baseline `import numpy, onnxruntime`: {floor:.1f} MB; host packages loaded: {rss[1] or 'none'}")
 
 
 if __name__ == "__main__":
