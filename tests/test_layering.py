@@ -107,3 +107,13 @@ def test_device_commands_load_no_aggregator_module_and_no_host_package(argv, bun
     argv = [a.format(root=bundle_and_data) for a in argv]
     loaded = loaded_after(f"from edge_sdk.cli import main\nassert main({argv!r}) == 0, 'command failed'")
     assert loaded == [], f"`fleetlearn {argv[0]}` loaded host-side modules: {loaded}"
+
+
+@pytest.mark.parametrize("package", ["edge_sdk.training", "edge_sdk.privacy"])
+def test_facades_resolve_every_public_name_without_host_packages(package):
+    statements = (
+        f"import importlib\npackage = importlib.import_module({package!r})\n"
+        "missing = [n for n in package.__all__ if getattr(package, n, None) is None]\n"
+        "assert package.__all__ and not missing, missing"
+    )
+    assert loaded_after(statements) == []

@@ -12,7 +12,7 @@ from edge_sdk.facade import lazy_facade
 _EXPORTS = {
     "encoding": ("EncodingParams", "decode_sum", "encode_update"),
     "ledger": ("BudgetDecision", "BudgetExceededError", "DeviceLedger", "LedgerBusyError", "LedgerCorruptError",
-               "LedgerError", "LedgerSpend"),
+               "LedgerError", "LedgerRollbackError", "LedgerSpend"),
     "modes": ("PrivacyMode",),
     "noise": ("DiscreteGaussianNoise", "NoiseMechanism", "SkellamNoise", "fresh_noise_generator",
               "noise_mechanism"),
