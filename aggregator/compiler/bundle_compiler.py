@@ -1,4 +1,4 @@
-"""``compile_model``: an ONNX inference model in, a training bundle (DESIGN §2) out.
+"""``compile_model``: an ONNX inference model in, a training bundle out.
 
 The train-step graph is forward pass + loss + reverse-mode gradients (one rule per op) + a fused
 optimiser update, all in standard ai.onnx ops so plain onnxruntime runs it on the device.
@@ -38,7 +38,7 @@ OUTPUT_NAME = "output"
 LABELS_NAME = "y"
 LOSS_NAME = "loss"
 # Float inputs that are settings, not weights: an initializer used only in these slots is never
-# trained (BatchNormalization's running statistics stay frozen, DESIGN §2; Dropout's ratio, ...).
+# trained (BatchNormalization's running statistics stay frozen; Dropout's ratio, ...).
 NON_DIFFERENTIABLE_INPUTS = {
     "BatchNormalization": (3, 4), "Dropout": (1, 2), "Clip": (1, 2), "Reshape": (1,), "Expand": (1,),
     "Squeeze": (1,), "Unsqueeze": (1,), "ReduceMean": (1,), "ReduceSum": (1,), "Pad": (1, 2, 3),
