@@ -1,0 +1,386 @@
+"""The MQTT transport: one paho-mqtt 2.x connection, driven by an ``MqttLoop``.
+
+Why these choices:
+- MQTT 3.1.1 by default, because the whole protocol must run on it (amqtt, the embedded broker,
+  refuses MQTT 5). ``protocol="5"`` adds message expiry and user properties to every publish and
+  a session expiry interval to the connect; nothing depends on them.
+- QoS 1 and a persistent session (``clean_session=False`` / ``clean_start=False``): the broker
+  keeps a device's subscriptions and queues QoS 1 messages for it while it is away, as Mosquitto
+  documents. Delivery is still not guaranteed (a full queue drops), which is why
+  ``edge_sdk.transport.reliable`` adds receipts on top.
+- A retained last will ``offline`` on the status topic, and a retained ``online`` after every
+  connect, so the aggregator learns of a dropout the moment the broker notices the socket died.
+- Reconnection with exponential backoff and full jitter, so a restarted broker is not hit by the
+  whole fleet in the same millisecond; every connect resubscribes.
+- ``on_message`` only appends to a queue: decoding, signature checks and training happen in the
+  caller's ``poll``, never inside paho's network callbacks.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import ssl
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any
+from urllib.parse import unquote, urlsplit
+
+import paho.mqtt.client as paho
+from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode, MQTTProtocolVersion
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+
+from edge_sdk.errors import ConfigError
+from edge_sdk.transport.base import TransportError
+from edge_sdk.transport.event_loop import MqttLoop
+
+log = logging.getLogger(__name__)
+
+QOS = 1
+STATUS_ONLINE = b"online"
+STATUS_OFFLINE = b"offline"
+_SCHEMES = {"mqtt": (False, 1883), "mqtts": (True, 8883)}
+_PROTOCOLS = {"3.1.1": MQTTProtocolVersion.MQTTv311, "5": MQTTProtocolVersion.MQTTv5}
+
+
+@dataclass(frozen=True)
+class BrokerAddress:
+    """Where the broker listens, parsed from ``mqtt://host:port`` or ``mqtts://host:port``."""
+
+    host: str
+    port: int
+    tls: bool
+    username: str | None = None
+    password: str | None = None
+
+    @classmethod
+    def parse(cls, url: str) -> BrokerAddress:
+        parts = urlsplit(url)
+        if parts.scheme not in _SCHEMES:
+            raise ConfigError(f"broker URL {url!r}: scheme must be mqtt:// or mqtts://, got {parts.scheme!r}")
+        if not parts.hostname:
+            raise ConfigError(f"broker URL {url!r} has no host; write e.g. mqtt://localhost:1883")
+        tls, default_port = _SCHEMES[parts.scheme]
+        try:
+            port = parts.port or default_port
+        except ValueError:
+            raise ConfigError(f"broker URL {url!r}: the port must be a number from 1 to 65535") from None
+        if parts.path not in ("", "/") or parts.query or parts.fragment:
+            raise ConfigError(f"broker URL {url!r}: only scheme://[user:password@]host:port is understood")
+        username = unquote(parts.username) if parts.username else None
+        password = unquote(parts.password) if parts.password else None
+        return cls(parts.hostname, port, tls, username, password)
+
+
+@dataclass(frozen=True)
+class ReconnectBackoff:
+    """Exponential backoff with jitter: attempt n waits up to min(maximum, initial * multiplier^n)."""
+
+    initial_s: float = 0.5
+    maximum_s: float = 30.0
+    multiplier: float = 2.0
+    jitter: float = 0.5  # fraction of the delay drawn at random, so a fleet does not reconnect in step
+
+    def __post_init__(self) -> None:
+        if not (0 < self.initial_s <= self.maximum_s) or self.multiplier < 1 or not (0 <= self.jitter <= 1):
+            raise ConfigError(
+                f"reconnect backoff needs 0 < initial_s <= maximum_s, multiplier >= 1 and 0 <= jitter <= 1; got {self}"
+            )
+
+    def delay(self, attempt: int, draw: float) -> float:
+        """The wait before reconnect ``attempt`` (0-based); ``draw`` is uniform in [0, 1)."""
+        ceiling = min(self.maximum_s, self.initial_s * self.multiplier ** min(attempt, 64))
+        return ceiling * (1.0 - self.jitter * draw)
+
+
+@dataclass(frozen=True, repr=False)
+class MqttSettings:
+    """Everything one connection needs; ``password`` is never shown in a repr."""
+
+    url: str
+    client_id: str
+    username: str | None = None
+    password: str | None = None
+    ca_file: str | None = None
+    cert_file: str | None = None  # client certificate for mTLS
+    key_file: str | None = None
+    protocol: str = "3.1.1"
+    keepalive_s: int = 60
+    persistent_session: bool = True
+    session_expiry_s: int = 24 * 3600  # MQTT 5: how long the broker keeps the session while we are away
+    message_expiry_s: int | None = None  # MQTT 5: the broker discards undelivered messages after this
+    user_properties: tuple[tuple[str, str], ...] = ()  # MQTT 5: added to every publish
+    status_topic: str | None = None  # retained "online"; last will "offline"
+    connect_timeout_s: float = 5.0
+    max_inflight: int = 20
+    backoff: ReconnectBackoff = field(default_factory=ReconnectBackoff)
+
+    def __post_init__(self) -> None:
+        if self.protocol not in _PROTOCOLS:
+            raise ConfigError(f"MQTT protocol must be one of {sorted(_PROTOCOLS)}, got {self.protocol!r}")
+        if not self.client_id or len(self.client_id.encode()) > 128:
+            raise ConfigError(f"MQTT client id must be 1 to 128 bytes, got {self.client_id!r}")
+        if (self.cert_file is None) != (self.key_file is None):
+            raise ConfigError("mTLS needs both cert_file and key_file (or neither)")
+        if self.keepalive_s < 5:
+            raise ConfigError(f"keepalive_s must be at least 5 s, got {self.keepalive_s}")
+        if (self.cert_file or self.ca_file) and not BrokerAddress.parse(self.url).tls:
+            raise ConfigError(f"TLS files given but the broker URL {self.url!r} is not mqtts://")
+        BrokerAddress.parse(self.url)
+
+    def __repr__(self) -> str:
+        return f"MqttSettings(url={self.url!r}, client_id={self.client_id!r}, protocol={self.protocol!r})"
+
+
+class MqttTransport:
+    """A ``Transport`` over one MQTT connection; many of them may share one ``MqttLoop``.
+
+    Without a ``loop`` argument the transport makes its own, so ``poll`` alone drives it.
+    Publishing while disconnected is fine: paho keeps QoS 1 messages and sends them after the
+    next connect.
+    """
+
+    def __init__(self, settings: MqttSettings, loop: MqttLoop | None = None, *, rng: random.Random | None = None):
+        self.settings = settings
+        self._address = BrokerAddress.parse(settings.url)
+        self._owns_loop = loop is None
+        self._loop = loop if loop is not None else MqttLoop()
+        self._rng = rng or random.Random()
+        self._inbox: deque[tuple[str, bytes]] = deque()
+        self._patterns: list[str] = []
+        self._pending_subscriptions: set[int] = set()
+        self._unacknowledged: set[int] = set()
+        self._attempt = 0
+        self._closing = False
+        self._closed = False
+        self._connected = False
+        self.last_error: str | None = None
+        self.connects = 0
+        self._client = self._make_client()
+        self._loop.attach(self)
+        self._try_connect()
+
+    # -- Transport -------------------------------------------------------------------------------
+
+    def publish(self, topic: str, payload: bytes, *, retain: bool = False) -> None:
+        if self._closing:
+            raise TransportError(f"MQTT transport {self.settings.client_id!r} is closed; open a new one")
+        info = self._client.publish(topic, payload, qos=QOS, retain=retain, properties=self._publish_properties())
+        if info.rc == MQTTErrorCode.MQTT_ERR_QUEUE_SIZE:
+            raise TransportError(
+                f"MQTT client {self.settings.client_id!r}: outgoing queue full (65535 messages awaiting PUBACK); "
+                "poll the loop so the broker can acknowledge them"
+            )
+        if info.rc not in (MQTTErrorCode.MQTT_ERR_SUCCESS, MQTTErrorCode.MQTT_ERR_NO_CONN):
+            raise TransportError(f"MQTT publish on {topic!r} failed: {paho.error_string(info.rc)}")
+        self._unacknowledged.add(info.mid)
+
+    def poll(self, timeout: float) -> list[tuple[str, bytes]]:
+        if not self._inbox:
+            self._loop.run(timeout, until=lambda: bool(self._inbox))
+        received = list(self._inbox)
+        self._inbox.clear()
+        return received
+
+    def subscribe(self, pattern: str) -> None:
+        if self._closing:
+            raise TransportError(f"MQTT transport {self.settings.client_id!r} is closed")
+        if pattern in self._patterns:
+            return
+        self._patterns.append(pattern)
+        if self._connected:
+            self._send_subscribe(pattern)
+
+    def close(self, timeout: float = 2.0) -> None:
+        """Say ``offline`` (a clean disconnect suppresses the will), flush, disconnect."""
+        if self._closed:
+            return
+        if self._connected and self.settings.status_topic:
+            self.publish(self.settings.status_topic, STATUS_OFFLINE, retain=True)
+        self._closing = True
+        if self._connected:
+            self._loop.run(timeout, until=lambda: not self._unacknowledged)
+            self._client.disconnect()
+            self._loop.run(0.0)
+        self._closed = True
+        self._connected = False
+        self._client._sock_close()  # noqa: SLF001 - paho has no public close for a never-looped client
+        self._loop.detach(self)
+        if self._owns_loop:
+            self._loop.close()
+
+    # -- state the caller may wait on ----------------------------------------------------------
+
+    @property
+    def loop(self) -> MqttLoop:
+        return self._loop
+
+    @property
+    def connected(self) -> bool:
+        return self._connected
+
+    @property
+    def ready(self) -> bool:
+        """Connected with every subscription acknowledged: messages published now will reach us."""
+        return self._connected and not self._pending_subscriptions
+
+    @property
+    def unacknowledged(self) -> int:
+        """QoS 1 messages published but not yet PUBACKed by the broker."""
+        return len(self._unacknowledged)
+
+    def wait_ready(self, timeout: float) -> bool:
+        return self._loop.run(timeout, until=lambda: self.ready)
+
+    def flush(self, timeout: float) -> bool:
+        """Drive the loop until the broker acknowledged everything published so far."""
+        return self._loop.run(timeout, until=lambda: not self._unacknowledged)
+
+    # -- paho client set-up ----------------------------------------------------------------------
+
+    def _make_client(self) -> paho.Client:
+        s = self.settings
+        v5 = s.protocol == "5"
+        client = paho.Client(
+            CallbackAPIVersion.VERSION2,
+            client_id=s.client_id,
+            protocol=_PROTOCOLS[s.protocol],
+            clean_session=None if v5 else not s.persistent_session,
+        )
+        client.max_inflight_messages_set(s.max_inflight)
+        client.max_queued_messages_set(0)
+        client.suppress_exceptions = False
+        username = s.username if s.username is not None else self._address.username
+        password = s.password if s.password is not None else self._address.password
+        if username is not None:
+            client.username_pw_set(username, password)
+        if self._address.tls:
+            context = ssl.create_default_context(cafile=s.ca_file)
+            if s.cert_file and s.key_file:
+                context.load_cert_chain(s.cert_file, s.key_file)
+            client.tls_set_context(context)
+        if s.status_topic:
+            client.will_set(s.status_topic, STATUS_OFFLINE, qos=QOS, retain=True)
+        client.on_connect = self._on_connect
+        client.on_disconnect = self._on_disconnect
+        client.on_message = self._on_message
+        client.on_publish = self._on_publish
+        client.on_subscribe = self._on_subscribe
+        client.on_socket_open = self._on_socket_open
+        client.on_socket_close = self._on_socket_close
+        client.on_socket_register_write = self._on_socket_register_write
+        client.on_socket_unregister_write = self._on_socket_unregister_write
+        connect_properties = None
+        if v5:
+            connect_properties = Properties(PacketTypes.CONNECT)
+            connect_properties.SessionExpiryInterval = s.session_expiry_s if s.persistent_session else 0
+        client.connect_timeout = s.connect_timeout_s
+        client.connect_async(
+            self._address.host,
+            self._address.port,
+            keepalive=s.keepalive_s,
+            clean_start=not s.persistent_session if v5 else paho.MQTT_CLEAN_START_FIRST_ONLY,
+            properties=connect_properties,
+        )
+        return client
+
+    def _publish_properties(self) -> Properties | None:
+        s = self.settings
+        if s.protocol != "5" or (s.message_expiry_s is None and not s.user_properties):
+            return None
+        properties = Properties(PacketTypes.PUBLISH)
+        if s.message_expiry_s is not None:
+            properties.MessageExpiryInterval = s.message_expiry_s
+        if s.user_properties:
+            properties.UserProperty = list(s.user_properties)
+        return properties
+
+    def _send_subscribe(self, pattern: str) -> None:
+        rc, mid = self._client.subscribe(pattern, qos=QOS)
+        if rc == MQTTErrorCode.MQTT_ERR_SUCCESS and mid is not None:
+            self._pending_subscriptions.add(mid)
+
+    def _try_connect(self) -> None:
+        try:
+            self._client.reconnect()
+        except (OSError, ssl.SSLError, ValueError) as exc:
+            self.last_error = f"connect to {self._address.host}:{self._address.port} failed: {exc}"
+            self._schedule_reconnect()
+
+    def _schedule_reconnect(self) -> None:
+        if self._closing:
+            return
+        delay = self.settings.backoff.delay(self._attempt, self._rng.random())
+        self._attempt += 1
+        log.info("MQTT %s: %s; reconnecting in %.2f s", self.settings.client_id, self.last_error, delay)
+        self._loop.schedule_reconnect(self, delay)
+
+    # -- paho callbacks: bookkeeping only ------------------------------------------------------
+
+    def _on_connect(self, client: paho.Client, userdata: Any, flags: Any, reason: Any, properties: Any) -> None:
+        if reason.is_failure:
+            self.last_error = f"broker refused the connection: {reason}"
+            log.warning("MQTT %s: %s", self.settings.client_id, self.last_error)
+            return  # the broker closes the socket; _on_disconnect schedules the retry
+        self._connected = True
+        self._attempt = 0
+        self.connects += 1
+        self.last_error = None
+        self._pending_subscriptions.clear()
+        for pattern in self._patterns:
+            self._send_subscribe(pattern)
+        if self.settings.status_topic:
+            self.publish(self.settings.status_topic, STATUS_ONLINE, retain=True)
+
+    def _on_disconnect(self, client: paho.Client, userdata: Any, flags: Any, reason: Any, properties: Any) -> None:
+        self._connected = False
+        if self._closing:
+            return
+        if self.last_error is None or "refused" not in self.last_error:
+            self.last_error = f"connection lost: {reason}"
+        self._schedule_reconnect()
+
+    def _on_message(self, client: paho.Client, userdata: Any, message: paho.MQTTMessage) -> None:
+        self._inbox.append((message.topic, message.payload))
+
+    def _on_publish(self, client: paho.Client, userdata: Any, mid: int, reason: Any, properties: Any) -> None:
+        self._unacknowledged.discard(mid)
+
+    def _on_subscribe(self, client: paho.Client, userdata: Any, mid: int, reasons: Any, properties: Any) -> None:
+        self._pending_subscriptions.discard(mid)
+        failed = [r for r in reasons if r.is_failure]
+        if failed:
+            self.last_error = f"broker refused a subscription: {failed[0]}"
+            log.warning("MQTT %s: %s", self.settings.client_id, self.last_error)
+
+    def _on_socket_open(self, client: paho.Client, userdata: Any, sock: Any) -> None:
+        self._loop.watch_socket(sock, self)
+
+    def _on_socket_close(self, client: paho.Client, userdata: Any, sock: Any) -> None:
+        self._loop.forget_socket(sock)
+
+    def _on_socket_register_write(self, client: paho.Client, userdata: Any, sock: Any) -> None:
+        self._loop.want_write(sock, True)
+
+    def _on_socket_unregister_write(self, client: paho.Client, userdata: Any, sock: Any) -> None:
+        self._loop.want_write(sock, False)
+
+    # -- LoopConnection: called by MqttLoop ----------------------------------------------------
+
+    def handle_readable(self) -> None:
+        self._client.loop_read()
+
+    def handle_writable(self) -> None:
+        self._client.loop_write()
+
+    def handle_misc(self) -> None:
+        self._client.loop_misc()
+
+    def handle_reconnect_due(self) -> None:
+        if not self._closing and not self._connected:
+            self._try_connect()
+
+    def has_buffered_input(self) -> bool:
+        sock = self._client.socket()
+        return isinstance(sock, ssl.SSLSocket) and sock.pending() > 0
