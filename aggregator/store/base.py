@@ -44,19 +44,23 @@ class StoreVersionError(StoreError):
     """The store file was written by a newer fleetlearn (its schema version is above this code's)."""
 
 
-def check_device_id(device_id: str) -> str:
-    """Return ``device_id`` if it can name a device on every topic and message, else raise StoreError."""
-    if not isinstance(device_id, str) or not device_id:
-        raise StoreError(f"device id must be a non-empty string, got {device_id!r}")
-    if len(device_id.encode("utf-8")) > MAX_DEVICE_ID_BYTES:
-        raise StoreError(f"device id {device_id[:20]!r}... is over {MAX_DEVICE_ID_BYTES} bytes of UTF-8")
-    bad = [c for c in FORBIDDEN_ID_CHARACTERS if c in device_id]
-    if bad or not device_id.isprintable() or device_id != device_id.strip():
+def check_topic_level(value: str, what: str) -> str:
+    """Return ``value`` if it can be one MQTT topic level (a device or fleet id), else raise StoreError."""
+    if not isinstance(value, str) or not value:
+        raise StoreError(f"{what} must be a non-empty string, got {value!r}")
+    if len(value.encode("utf-8")) > MAX_DEVICE_ID_BYTES:
+        raise StoreError(f"{what} {value[:20]!r}... is over {MAX_DEVICE_ID_BYTES} bytes of UTF-8")
+    bad = [c for c in FORBIDDEN_ID_CHARACTERS if c in value]
+    if bad or not value.isprintable() or value != value.strip():
         raise StoreError(
-            f"device id {device_id!r} may not contain '+', '#', '/', NUL, control characters or surrounding spaces "
+            f"{what} {value!r} may not contain '+', '#', '/', NUL, control characters or surrounding spaces "
             "(it becomes an MQTT topic level)"
         )
-    return device_id
+    return value
+
+
+def check_device_id(device_id: str) -> str:
+    return check_topic_level(device_id, "device id")
 
 
 class RoundStatus(str, enum.Enum):
