@@ -11,7 +11,9 @@ criterion is the expected fraction of wrapped coordinates, not a union bound ove
 One coordinate S of the integer sum of n = cohort encodings is the sum of three independent parts:
 
 - the signal: the n signals share one rotation, so their sum has L2 norm <= nC/gamma and each
-  rotated coordinate is a Rademacher sum, sub-Gaussian with proxy (nC/gamma)^2 / D (Hoeffding);
+  rotated coordinate is sub-Gaussian with proxy (nC/gamma)^2 / S (Hoeffding over the signs), S the
+  rotation's ``spread_dim``: the padded length D for "hadamard-pow2", the window 2^m <= d for
+  "hadamard-overlap" (docs/privacy.md, section 1, proves both);
 - the rounding: each device's is zero-mean in an interval of length 1, proxy 1/4 (Hoeffding's lemma);
 - the noise of the n survivors, each adding sigma^2/t_honest: a discrete Gaussian is sub-Gaussian
   with proxy its parameter (Canonne-Kamath-Steinke'20); a Skellam sum ``Sk(mu, mu)`` has the exact
@@ -38,7 +40,7 @@ from edge_sdk.privacy.encoding import EncodingParams
 from edge_sdk.privacy.noise import NOISE_MECHANISMS
 from edge_sdk.privacy.noise_floor import honest_contributors
 from edge_sdk.privacy.participation import participation_event
-from edge_sdk.privacy.rotation import padded_dimension
+from edge_sdk.privacy.rotation import DEFAULT_ROTATION, check_rotation_name, make_rotation
 from edge_sdk.privacy.rounding import DEFAULT_BETA
 
 log = logging.getLogger(__name__)
@@ -66,22 +68,24 @@ class Calibration:
     delta: float
     wrap_probability: float
     warnings: tuple[str, ...]
+    rotation: str = DEFAULT_ROTATION
 
 
 def wrap_probability(gamma: float, clip: float, noise_multiplier: float, cohort: int, t_honest: int,
-                     padded_dim: int, bits: int, mechanism: str = "skellam") -> float:
+                     spread_dim: int, bits: int, mechanism: str = "skellam") -> float:
     """The tail bound above: the chance that one coordinate of the sum wraps mod 2^b.
 
-    That is also the expected fraction of the D coordinates that wrap.
+    That is also the expected fraction of the encoded coordinates that wrap. ``spread_dim`` is
+    the rotation's (``EncodingParams.spread_dim``), not the encoded length.
     """
-    sub_gaussian, mu = _sum_tail_parts(gamma, clip, noise_multiplier, cohort, t_honest, padded_dim, mechanism)
+    sub_gaussian, mu = _sum_tail_parts(gamma, clip, noise_multiplier, cohort, t_honest, spread_dim, mechanism)
     return _chernoff_two_sided(float(1 << (bits - 1)), sub_gaussian, mu)
 
 
-def _sum_tail_parts(gamma, clip, z, cohort, t_honest, padded_dim, mechanism) -> tuple[float, float]:
+def _sum_tail_parts(gamma, clip, z, cohort, t_honest, spread_dim, mechanism) -> tuple[float, float]:
     """(sub-Gaussian proxy, Skellam mu) of one coordinate of the integer-domain sum."""
     scaled = clip / gamma
-    sub_gaussian = (cohort * scaled) ** 2 / padded_dim + cohort / 4.0
+    sub_gaussian = (cohort * scaled) ** 2 / spread_dim + cohort / 4.0
     noise_variance = cohort * (z * scaled) ** 2 / t_honest
     if mechanism == "discrete_gaussian":
         return sub_gaussian + noise_variance, 0.0
@@ -111,7 +115,7 @@ def _chernoff_two_sided(h: float, sub_gaussian: float, mu: float) -> float:
     return min(1.0, 2.0 * math.exp(exponent))
 
 
-def smallest_gamma(clip: float, noise_multiplier: float, cohort: int, t_honest: int, padded_dim: int,
+def smallest_gamma(clip: float, noise_multiplier: float, cohort: int, t_honest: int, spread_dim: int,
                    bits: int, max_wrap: float, mechanism: str = "skellam") -> float:
     """The smallest gamma whose wrap bound is <= ``max_wrap``; ConfigError if no gamma can do it."""
     half = float(1 << (bits - 1))
@@ -122,11 +126,11 @@ def smallest_gamma(clip: float, noise_multiplier: float, cohort: int, t_honest: 
         )
 
     def fits(g: float) -> bool:
-        return wrap_probability(g, clip, noise_multiplier, cohort, t_honest, padded_dim, bits, mechanism) <= max_wrap
+        return wrap_probability(g, clip, noise_multiplier, cohort, t_honest, spread_dim, bits, mechanism) <= max_wrap
 
     # Treating every part as sub-Gaussian gives a closed form that no larger bound can beat: start there.
     budget = half * half / (2.0 * math.log(2.0 / max_wrap)) - cohort / 4.0
-    a = (cohort * clip) ** 2 / padded_dim + cohort * (noise_multiplier * clip) ** 2 / t_honest
+    a = (cohort * clip) ** 2 / spread_dim + cohort * (noise_multiplier * clip) ** 2 / t_honest
     low = math.sqrt(a / budget) * (1.0 - 1e-9) if budget > 0 else 1e-300
     high = max(low, 1e-300) * 2.0
     while not fits(high):
@@ -143,7 +147,7 @@ def smallest_gamma(clip: float, noise_multiplier: float, cohort: int, t_honest: 
 
 
 def _validate(target_epsilon, delta, cohort_size, rounds, dim, bits, population, dropout_fraction,
-              colluding_fraction, clip, mechanism, max_wrap) -> None:
+              colluding_fraction, clip, mechanism, max_wrap, rotation) -> None:
     if not (target_epsilon > 0 and math.isfinite(target_epsilon)):
         raise ConfigError(f"target_epsilon must be a finite number > 0, got {target_epsilon}")
     if population < 1:
@@ -167,6 +171,7 @@ def _validate(target_epsilon, delta, cohort_size, rounds, dim, bits, population,
         raise ConfigError(f"mechanism {mechanism!r} is unknown; choose one of {sorted(NOISE_MECHANISMS)}")
     if not 0.0 < max_wrap < 1.0:
         raise ConfigError(f"max_wrap_probability must be in (0, 1), got {max_wrap}")
+    check_rotation_name(rotation)
 
 
 def calibrate(
@@ -184,16 +189,19 @@ def calibrate(
     self_selection: bool = False,
     max_wrap_probability: float = MAX_WRAP_PROBABILITY,
     gamma: float | None = None,
+    rotation: str = DEFAULT_ROTATION,
 ) -> Calibration:
     """The smallest noise multiplier meeting ``target_epsilon`` after ``rounds`` rounds, with its gamma.
 
     ``self_selection`` means devices join each round by a CSPRNG coin of probability
     cohort_size / population (Poisson sampling), which the accounting then amplifies. ``gamma``
-    overrides the wrap-driven choice (a warning is given if it wraps too often).
+    overrides the wrap-driven choice (a warning is given if it wraps too often). ``rotation`` is
+    the one the round's ``EncodingParams`` will name: its spread enters the wrap bound, its encoded
+    length the sensitivity.
     """
     clip = DEFAULT_CLIP if clip is None else clip
     _validate(target_epsilon, delta, cohort_size, rounds, dim, bits, population, dropout_fraction,
-              colluding_fraction, clip, mechanism, max_wrap_probability)
+              colluding_fraction, clip, mechanism, max_wrap_probability, rotation)
     t_honest = honest_contributors(cohort_size, dropout_fraction, colluding_fraction)
     if t_honest < 1:
         raise ConfigError(
@@ -201,14 +209,15 @@ def calibrate(
             f"contributor in a cohort of {cohort_size}"
         )
     q = cohort_size / population if self_selection else None
-    padded = padded_dimension(dim)
+    rotator = make_rotation(rotation, _CALIBRATION_SEED, dim)
+    spread, encoded = rotator.spread_dim, rotator.encoded_dim
 
     def knobs(z: float) -> tuple[float, float]:
         g = gamma if gamma is not None else smallest_gamma(
-            clip, z, cohort_size, t_honest, padded, bits, max_wrap_probability, mechanism
+            clip, z, cohort_size, t_honest, spread, bits, max_wrap_probability, mechanism
         )
         params = EncodingParams(dim=dim, clip=clip, gamma=g, bits=bits, rotation_seed=_CALIBRATION_SEED,
-                                beta=DEFAULT_BETA)
+                                beta=DEFAULT_BETA, rotation=rotation)
         event = participation_event(params, "distributed", mechanism, z, t_honest, q)
         return g, epsilon_of({round_dp_event(event): rounds}, delta, "rdp")
 
@@ -233,11 +242,11 @@ def calibrate(
                 break
     z = z_high
     g, eps = knobs(z)
-    wrap = wrap_probability(g, clip, z, cohort_size, t_honest, padded, bits, mechanism)
+    wrap = wrap_probability(g, clip, z, cohort_size, t_honest, spread, bits, mechanism)
     warnings = []
-    if g * math.sqrt(padded) > GAMMA_SQRT_D_RATIO * clip:
+    if g * math.sqrt(encoded) > GAMMA_SQRT_D_RATIO * clip:  # the rounding error's norm is about gamma*sqrt(d)/2
         warnings.append(
-            f"gamma*sqrt(d) = {g * math.sqrt(padded):.3g} is not much smaller than C = {clip:g}: rounding "
+            f"gamma*sqrt(d) = {g * math.sqrt(encoded):.3g} is not much smaller than C = {clip:g}: rounding "
             f"noise is a sizeable part of the update; raise bits (now {bits})"
         )
     if wrap > max_wrap_probability:
@@ -250,4 +259,5 @@ def calibrate(
     return Calibration(
         noise_multiplier=z, gamma=g, clip=clip, bits=bits, mechanism=mechanism, honest_contributors=t_honest,
         sampling_probability=q, epsilon=eps, delta=delta, wrap_probability=wrap, warnings=tuple(warnings),
+        rotation=rotation,
     )

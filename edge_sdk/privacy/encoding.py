@@ -15,13 +15,14 @@ from __future__ import annotations
 import logging
 import math
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
 from edge_sdk.errors import ConfigError
 from edge_sdk.modulus import check_bits
 from edge_sdk.privacy.noise import NoiseMechanism
-from edge_sdk.privacy.rotation import RandomizedHadamard, padded_dimension
+from edge_sdk.privacy.rotation import DEFAULT_ROTATION, POW2, Rotation, check_rotation_name, make_rotation
 from edge_sdk.privacy.rounding import DEFAULT_BETA, conditional_stochastic_round, rounded_l2_bound
 
 log = logging.getLogger(__name__)
@@ -31,7 +32,13 @@ _FLOAT32_EXACT_INTS = 1 << 24
 
 @dataclass(frozen=True)
 class EncodingParams:
-    """Everything both sides must agree on to encode and decode one round's updates."""
+    """Everything both sides must agree on to encode and decode one round's updates.
+
+    Stored in plans and sent to devices, so it follows dp-accounting's stability rule: fields are
+    never removed and new ones are optional. ``rotation`` names the rotation (``ROTATIONS``); it
+    defaults to the unpadded ``"hadamard-overlap"``, while ``from_dict`` reads a record without
+    the field as ``"hadamard-pow2"``, the only rotation that existed when it was written.
+    """
 
     dim: int
     clip: float
@@ -39,6 +46,7 @@ class EncodingParams:
     bits: int
     rotation_seed: bytes
     beta: float = DEFAULT_BETA
+    rotation: str = DEFAULT_ROTATION
 
     def __post_init__(self) -> None:
         if self.dim < 1:
@@ -52,14 +60,26 @@ class EncodingParams:
             raise ConfigError(f"beta must be in (0, 1), got {self.beta}")
         if len(self.rotation_seed) < 16:
             raise ConfigError(f"rotation_seed must be at least 16 bytes, got {len(self.rotation_seed)}")
+        check_rotation_name(self.rotation)
+
+    @property
+    def rotator(self) -> Rotation:
+        """The round's rotation object (``rotate``/``unrotate``)."""
+        return make_rotation(self.rotation, self.rotation_seed, self.dim)
 
     @property
     def padded_dim(self) -> int:
-        return padded_dimension(self.dim)
+        """The length of the encoded vector: what SecAgg+ masks and the wire carries.
+
+        ``dim`` itself for ``"hadamard-overlap"``; the next power of two for ``"hadamard-pow2"``.
+        The name is kept from when every encoding was padded.
+        """
+        return self.rotator.encoded_dim
 
     @property
-    def rotation(self) -> RandomizedHadamard:
-        return RandomizedHadamard(self.rotation_seed, self.dim)
+    def spread_dim(self) -> int:
+        """n such that each rotated coordinate is sub-Gaussian with proxy ||x||^2/n (the wrap bound's)."""
+        return self.rotator.spread_dim
 
     @property
     def modulus(self) -> int:
@@ -69,6 +89,23 @@ class EncodingParams:
     def l2_sensitivity(self) -> float:
         """The L2 bound of one encoded (rounded, pre-noise) vector: the integer-domain sensitivity."""
         return rounded_l2_bound(self.clip / self.gamma, self.padded_dim, self.beta)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON-able data (the seed as hex), every field named."""
+        return {"dim": self.dim, "clip": self.clip, "gamma": self.gamma, "bits": self.bits,
+                "rotation_seed": self.rotation_seed.hex(), "beta": self.beta, "rotation": self.rotation}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> EncodingParams:
+        """The inverse of ``to_dict``; a record from before ``rotation`` existed means ``"hadamard-pow2"``."""
+        try:
+            return cls(dim=int(data["dim"]), clip=float(data["clip"]), gamma=float(data["gamma"]),
+                       bits=int(data["bits"]), rotation_seed=bytes.fromhex(data["rotation_seed"]),
+                       beta=float(data.get("beta", DEFAULT_BETA)), rotation=str(data.get("rotation", POW2)))
+        except ConfigError:
+            raise
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ConfigError(f"malformed encoding parameters {data!r}: {exc}") from exc
 
 
 def clip_l2(update: np.ndarray, clip: float) -> np.ndarray:
@@ -123,7 +160,7 @@ def encode_update(
     if flat.size != params.dim:
         raise ConfigError(f"update has {flat.size} entries but the round's dim is {params.dim}")
     clipped = clip_l2(flat, params.clip)
-    rotated = params.rotation.rotate(clipped)
+    rotated = params.rotator.rotate(clipped)
     scaled = scale(rotated, params.gamma)
     rounded = conditional_stochastic_round(scaled, params.l2_sensitivity, rng)
     noisy = add_noise(rounded, mechanism, noise_variance, rng)
@@ -146,4 +183,4 @@ def decode_sum(total: np.ndarray, params: EncodingParams, contributors: int) -> 
     centred = centre(total, params.bits)
     dtype = np.float32 if params.bits <= 24 else np.float64
     unscaled = centred.astype(dtype) * dtype(params.gamma)
-    return (params.rotation.unrotate(unscaled) / contributors).astype(np.float32, copy=False)
+    return (params.rotator.unrotate(unscaled) / contributors).astype(np.float32, copy=False)

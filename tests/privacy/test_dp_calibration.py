@@ -51,7 +51,7 @@ def test_coarse_quantisation_warns_that_gamma_sqrt_d_is_not_much_below_c(caplog)
         cal = calibrate(**{**BASE, "bits": 16})
     assert any("gamma*sqrt(d)" in w for w in cal.warnings)
     assert any("gamma*sqrt(d)" in r.message for r in caplog.records)
-    assert cal.gamma * math.sqrt(2**17) > 0.1
+    assert cal.gamma * math.sqrt(10**5) > 0.1  # the encoded length is d itself: no padding
 
 
 def test_a_gamma_that_wraps_too_often_is_warned_about():
@@ -114,3 +114,18 @@ def test_expected_count_is_the_ceiling_of_the_expected_number(n, fraction):
     count = expected_count(fraction, n)
     assert count >= fraction * n - 1e-9 and count - 1 < fraction * n - 1e-9
     assert 0 <= count <= n
+
+
+def test_calibration_divides_the_signal_by_the_rotations_spread_and_the_sensitivity_by_its_length():
+    # At b = 20 the noise dominates the wrap bound, so the unpadded rotation's smaller spread (65,536
+    # against 131,072) moves gamma by under 0.1%; its d = 10^5 rounded coordinates, fewer than 131,072,
+    # lower the sensitivity and so the noise needed, most visibly at b = 16.
+    new, old = calibrate(**BASE), calibrate(**BASE, rotation="hadamard-pow2")
+    assert (new.rotation, old.rotation) == ("hadamard-overlap", "hadamard-pow2")
+    assert new.gamma == pytest.approx(old.gamma, rel=1e-3) and new.gamma >= old.gamma
+    assert new.noise_multiplier <= old.noise_multiplier
+    coarse_new = calibrate(**{**BASE, "bits": 16})
+    coarse_old = calibrate(**{**BASE, "bits": 16}, rotation="hadamard-pow2")
+    assert coarse_new.noise_multiplier < 0.98 * coarse_old.noise_multiplier
+    with pytest.raises(ConfigError, match="rotation"):
+        calibrate(**BASE, rotation="dft")

@@ -31,12 +31,58 @@ def modular_sum(vectors, bits):
     return total & np.uint32((1 << bits) - 1) if bits < 32 else total
 
 
-def test_encoded_update_is_uint32_mod_2_to_the_bits_of_padded_length():
-    params = EncodingParams(dim=1000, clip=1.0, gamma=1e-3, bits=16, rotation_seed=SEED)
+@pytest.mark.parametrize("rotation, length", [("hadamard-overlap", 1000), ("hadamard-pow2", 1024)])
+def test_encoded_update_is_uint32_mod_2_to_the_bits_of_the_rotations_length(rotation, length):
+    params = EncodingParams(dim=1000, clip=1.0, gamma=1e-3, bits=16, rotation_seed=SEED, rotation=rotation)
     x = np.random.default_rng(0).standard_normal(1000)
     encoded = encode_update(x, params, SKELLAM, 25.0, np.random.default_rng(1))
-    assert encoded.dtype == np.uint32 and encoded.shape == (1024,)
+    assert encoded.dtype == np.uint32 and encoded.shape == (length,) == (params.padded_dim,)
     assert int(encoded.max()) < 1 << 16
+
+
+def test_the_default_rotation_encodes_without_padding():
+    params = EncodingParams(dim=10**5, clip=1.0, gamma=1e-3, bits=20, rotation_seed=SEED)
+    assert params.rotation == "hadamard-overlap"
+    assert params.padded_dim == 10**5 and params.spread_dim == 65536
+    legacy = EncodingParams(dim=10**5, clip=1.0, gamma=1e-3, bits=20, rotation_seed=SEED, rotation="hadamard-pow2")
+    assert legacy.padded_dim == legacy.spread_dim == 131072
+    assert params.l2_sensitivity < legacy.l2_sensitivity  # fewer rounded coordinates, smaller rounded-norm bound
+
+
+def test_round_trip_at_d_1e5_without_padding_decodes_the_mean_within_the_quantisation_bound():
+    rng = np.random.default_rng(100)
+    dim, devices, bits, gamma = 100_000, 8, 20, 2e-4
+    params = EncodingParams(dim=dim, clip=1.0, gamma=gamma, bits=bits, rotation_seed=SEED)
+    updates = [clip_l2(rng.standard_normal(dim) * (0.3 + 0.1 * k) / np.sqrt(dim), 1.0).copy() for k in range(devices)]
+    updates[0][-1] = 0.5  # a spike in the coordinates only the second window reaches
+    encoded = [encode_update(u, params, SKELLAM, 0.0, rng) for u in updates]
+    assert all(e.shape == (dim,) and e.dtype == np.uint32 for e in encoded)  # what SecAgg+ masks: d entries
+    mean = decode_sum(modular_sum(encoded, bits), params, devices)
+    assert mean.shape == (dim,)
+    err = float(np.linalg.norm(mean - np.mean(updates, axis=0)))
+    assert err <= gamma * np.sqrt(dim) / np.sqrt(devices)  # about gamma*sqrt(d/(4n)) expected: half the bound
+    assert err >= 0.2 * gamma * np.sqrt(dim / (4 * devices))  # and the rounding really happened
+
+
+def test_encoding_params_round_trip_through_plain_data_and_old_records_mean_pow2():
+    params = EncodingParams(dim=1000, clip=1.5, gamma=1e-3, bits=16, rotation_seed=SEED)
+    assert EncodingParams.from_dict(params.to_dict()) == params
+    old = {k: v for k, v in params.to_dict().items() if k != "rotation"}  # written before the field existed
+    assert EncodingParams.from_dict(old).rotation == "hadamard-pow2"
+    assert EncodingParams.from_dict(old).padded_dim == 1024
+    with pytest.raises(ConfigError, match="malformed encoding parameters"):
+        EncodingParams.from_dict({"dim": 10})
+    with pytest.raises(ConfigError, match="rotation"):
+        EncodingParams.from_dict({**params.to_dict(), "rotation": "dft"})
+
+
+def test_pow2_encodings_still_decode():
+    rng = np.random.default_rng(4)
+    params = EncodingParams(dim=300, clip=1.0, gamma=1e-4, bits=24, rotation_seed=SEED, rotation="hadamard-pow2")
+    update = clip_l2(rng.standard_normal(300), 1.0).copy()
+    mean = decode_sum(encode_update(update, params, SKELLAM, 0.0, rng), params, 1)
+    assert mean.shape == (300,)
+    assert float(np.linalg.norm(mean - update)) <= 1e-4 * np.sqrt(512)
 
 
 @settings(max_examples=25, deadline=None)
@@ -45,11 +91,12 @@ def test_encoded_update_is_uint32_mod_2_to_the_bits_of_padded_length():
     devices=st.integers(1, 12),
     bits=st.integers(18, 32),
     seed=st.integers(0, 2**31),
+    rotation=st.sampled_from(["hadamard-overlap", "hadamard-pow2"]),
 )
-def test_noiseless_round_trip_is_within_the_quantisation_bound(dim, devices, bits, seed):
+def test_noiseless_round_trip_is_within_the_quantisation_bound(dim, devices, bits, seed, rotation):
     rng = np.random.default_rng(seed)
     gamma = 1e-3
-    params = EncodingParams(dim=dim, clip=1.0, gamma=gamma, bits=bits, rotation_seed=SEED)
+    params = EncodingParams(dim=dim, clip=1.0, gamma=gamma, bits=bits, rotation_seed=SEED, rotation=rotation)
     updates = [clip_l2(rng.standard_normal(dim), 1.0).copy() for _ in range(devices)]
     encoded = [encode_update(u, params, SKELLAM, 0.0, rng) for u in updates]
     mean = decode_sum(modular_sum(encoded, bits), params, devices)
@@ -68,7 +115,7 @@ def test_round_trip_mse_matches_the_analytic_rounding_variance():
     # rotation gives every output coordinate the average of those variances, and the mean divides by n^2.
     frac_var = 0.0
     for u in updates:
-        v = scale(params.rotation.rotate(u), gamma).astype(np.float64)
+        v = scale(params.rotator.rotate(u), gamma).astype(np.float64)
         f = v - np.floor(v)
         frac_var += float(np.sum(f * (1 - f)))
     predicted = gamma**2 * frac_var / params.padded_dim / devices**2
@@ -147,6 +194,7 @@ def test_wrap_bound_is_the_configured_probability_at_the_smallest_gamma():
         ({"bits": 1}, "bits"),
         ({"rotation_seed": b"x"}, "rotation_seed"),
         ({"beta": 1.0}, "beta"),
+        ({"rotation": "dft"}, "rotation"),
     ],
 )
 def test_invalid_encoding_parameters_are_rejected_naming_the_parameter(kwargs, parameter):
