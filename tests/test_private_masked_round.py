@@ -65,8 +65,10 @@ def test_survivors_sum_decodes_to_the_mean_of_their_clipped_updates(digits_setup
     assert all(v.dtype == np.uint32 and v.shape == (params.padded_dim,) for v in inputs.values())
 
     fleet = Fleet.enrol(DEVICES)
+    # (8, 5): a strict majority with spare holders for two dropouts; t_honest = 6 here (the noise is 0: the check
+    # is the decoded mean), so 8 survivors minus the one assumed colluder clear the noise floor.
     config = ServerConfig(fleet.server_identity, fleet.enrolled, bits=params.bits, vector_length=params.padded_dim,
-                          degree=8, threshold=5)
+                          degree=8, threshold=5, noise_floor=6)
     outcome = run_session(fleet, config, inputs, drop_at={Stage.MASKED_INPUT: {"dev-03", "dev-07"}})
     assert not outcome.aborted, outcome.abort_reason
     survivors = sorted(outcome.server.contributors)
@@ -93,7 +95,7 @@ def test_a_noisy_masked_round_of_fedavg_improves_the_model(digits_setup):
               for d, u in updates.items()}
     fleet = Fleet.enrol(DEVICES)
     config = ServerConfig(fleet.server_identity, fleet.enrolled, bits=params.bits, vector_length=params.padded_dim,
-                          degree=8, threshold=5)
+                          degree=8, threshold=5, noise_floor=8)  # the t_honest the noise above was split over
     outcome = run_session(fleet, config, inputs, drop_at={Stage.UNMASK: {"dev-01"}})
     assert not outcome.aborted and len(outcome.server.contributors) == len(DEVICES)
     mean_update = decode_sum(outcome.result, params, len(DEVICES))[: base.size]

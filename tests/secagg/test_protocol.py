@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 from scipy.stats import chisquare
 
 from aggregator.secagg.driver import Fleet, run_session
-from aggregator.secagg.server import ServerConfig, handle_server, start_server, tick_server
+from aggregator.secagg.server import ServerConfig, start_server
 from edge_sdk.secagg import codec
 from edge_sdk.secagg.client import handle_client, start_client, tick_client
 from edge_sdk.secagg.errors import (
@@ -20,11 +20,11 @@ from edge_sdk.secagg.errors import (
     ReplayError,
     SignatureError,
 )
+from edge_sdk.secagg.graph import holder_seed, share_holders
 from edge_sdk.secagg.keys import AgreementKey, IdentityKey
 from edge_sdk.secagg.membership import from_bitmap, to_bitmap
 from edge_sdk.secagg.messages import (
     AdvertiseKeys,
-    ConsistencyCheck,
     EncryptedShare,
     MaskedInput,
     Roster,
@@ -34,38 +34,30 @@ from edge_sdk.secagg.messages import (
     SurvivorSet,
     UnmaskRequest,
 )
-from edge_sdk.secagg.parameters import choose_parameters
+from edge_sdk.secagg.parameters import ThreatModel, choose_parameters
+
+from .attacker import exact_sum, ids, make_inputs, resign
 
 DROP_STAGES = [Stage.ADVERTISE_KEYS, Stage.SHARE_KEYS, Stage.MASKED_INPUT, Stage.CONSISTENCY_CHECK, Stage.UNMASK]
 # Devices dropping at these stages have already submitted their masked input: they stay in the sum.
 INPUT_SUBMITTED = {Stage.CONSISTENCY_CHECK, Stage.UNMASK}
 
 
-def ids(n: int) -> list[str]:
-    return [f"dev-{i:02d}" for i in range(n)]
+def setup(n: int, degree: int | None, threshold: int | None, length: int = 32, bits: int = 16, seed: int = 0,
+          noise_floor: int | None = 1, **settings):
+    """A small fleet with an explicit active-secure (k, t) (2t > k + 1, t <= k).
 
-
-def make_inputs(devices: list[str], length: int, bits: int, seed: int = 0) -> dict[str, np.ndarray]:
-    rng = np.random.default_rng(seed)
-    return {d: rng.integers(0, 2**bits, length, dtype=np.uint64).astype(np.uint32) for d in devices}
-
-
-def exact_sum(inputs: dict[str, np.ndarray], contributors, bits: int) -> np.ndarray:
-    total = np.zeros(next(iter(inputs.values())).size, dtype=np.uint64)
-    for d in contributors:
-        total += inputs[d]
-    return (total % (1 << bits)).astype(np.uint32)
-
-
-def setup(n: int, degree: int | None, threshold: int | None, length: int = 32, bits: int = 16, seed: int = 0):
+    ``noise_floor`` is 1 unless given: these tests are about masking and dropouts, the noise floor
+    has its own tests (test_malicious_server), and at n ~ 10 the default t_honest allows one dropout.
+    """
     devices = ids(n)
     fleet = Fleet.enrol(devices)
-    config = ServerConfig(fleet.server_identity, fleet.enrolled, bits, length, degree=degree, threshold=threshold)
+    config = ServerConfig(fleet.server_identity, fleet.enrolled, bits, length, degree=degree, threshold=threshold,
+                          noise_floor=noise_floor, **settings)
     return devices, fleet, config, make_inputs(devices, length, bits, seed)
 
 
-def resign_as_server(fleet: Fleet, message):
-    return codec.sign(message, fleet.server_identity)
+resign_as_server = resign
 
 
 # --- correctness ----------------------------------------------------------------------------------
@@ -82,7 +74,7 @@ def test_unmasked_result_is_the_exact_sum_of_every_input():
 
 @pytest.mark.parametrize("stage", DROP_STAGES, ids=lambda s: s.name)
 def test_sum_is_exact_over_survivors_with_dropouts_at_each_stage(stage):
-    devices, fleet, config, inputs = setup(12, 6, 3)
+    devices, fleet, config, inputs = setup(12, 6, 4)
     dropped = {devices[1], devices[7]}
     outcome = run_session(fleet, config, inputs, drop_at={stage: dropped})
     assert not outcome.aborted, outcome.abort_reason
@@ -92,7 +84,7 @@ def test_sum_is_exact_over_survivors_with_dropouts_at_each_stage(stage):
 
 
 def test_sum_is_exact_with_dropouts_at_every_stage_in_one_round():
-    devices, fleet, config, inputs = setup(16, 8, 4, bits=32)
+    devices, fleet, config, inputs = setup(16, 10, 6, bits=32)  # 5 drops leave every device t shares
     drops = {stage: {devices[i]} for i, stage in enumerate(DROP_STAGES)}
     outcome = run_session(fleet, config, inputs, drop_at=drops)
     assert not outcome.aborted, outcome.abort_reason
@@ -104,13 +96,15 @@ def test_sum_is_exact_with_dropouts_at_every_stage_in_one_round():
 @st.composite
 def sessions(draw):
     n = draw(st.integers(3, 9))
-    full = draw(st.booleans()) or n <= 4
-    degree = n - 1 if full else draw(st.sampled_from(list(range(2, n - 1, 2))))
-    threshold = draw(st.integers(2, degree + 1))
+    degree = draw(st.integers(2, n - 1))
+    threshold = draw(st.integers((degree + 1) // 2 + 1, degree))  # a strict majority, and t <= k
     length = draw(st.integers(1, 40))
     bits = draw(st.integers(8, 32))
     drop = draw(st.lists(st.sampled_from([None, *DROP_STAGES]), min_size=n, max_size=n))
     return n, degree, threshold, length, bits, drop, draw(st.integers(0, 2**16))
+
+
+ABORT_REASONS = ("below the threshold", "cannot reconstruct", "consistency quorum", "at least 2")
 
 
 @given(sessions())
@@ -125,15 +119,15 @@ def test_property_result_is_exact_sum_mod_2_to_the_b_or_a_clean_abort(session):
     outcome = run_session(fleet, config, inputs, drop_at=drop_at)
     if outcome.aborted:
         assert outcome.result is None
-        assert "below the threshold" in outcome.abort_reason or "cannot reconstruct" in outcome.abort_reason
+        assert any(reason in outcome.abort_reason for reason in ABORT_REASONS), outcome.abort_reason
     else:
         early = {d for s in (Stage.ADVERTISE_KEYS, Stage.SHARE_KEYS, Stage.MASKED_INPUT) for d in drop_at.get(s, ())}
-        assert set(outcome.server.contributors) == set(devices) - early
+        assert set(outcome.server.contributors) <= set(devices) - early
         np.testing.assert_array_equal(outcome.result, exact_sum(inputs, outcome.server.contributors, bits))
 
 
 def test_duplicated_messages_in_both_directions_change_nothing():
-    devices, fleet, config, inputs = setup(8, 4, 2)
+    devices, fleet, config, inputs = setup(8, 4, 3)
 
     def twice(device, message):
         return [message, message]
@@ -149,51 +143,72 @@ def test_duplicated_messages_in_both_directions_change_nothing():
 
 
 @pytest.mark.parametrize("stage", DROP_STAGES, ids=lambda s: s.name)
-def test_unmask_aborts_below_threshold_and_reveals_nothing(stage):
-    devices, fleet, config, inputs = setup(7, 6, 4)
-    outcome = run_session(fleet, config, inputs, drop_at={stage: set(devices[:4])})  # t - 1 = 3 remain
+def test_round_aborts_below_threshold_or_quorum_and_reveals_nothing(stage):
+    devices, fleet, config, inputs = setup(7, 6, 4)  # consistency quorum: max(4, (7 + 1) // 2 + 1) = 5
+    dropped = devices[:4] if stage in (Stage.ADVERTISE_KEYS, Stage.UNMASK) else devices[:3]  # t - 1 left, or Q - 1
+    outcome = run_session(fleet, config, inputs, drop_at={stage: set(dropped)})
     assert outcome.aborted and outcome.result is None
-    assert "below the threshold t=4" in outcome.abort_reason
+    if stage is Stage.UNMASK:
+        assert "below the threshold t=4" in outcome.abort_reason
+    elif stage in (Stage.ADVERTISE_KEYS, Stage.SHARE_KEYS, Stage.MASKED_INPUT):
+        assert "below the threshold t=4" in outcome.abort_reason or "quorum 5" in outcome.abort_reason
+    else:
+        assert "below the consistency quorum 5" in outcome.abort_reason
     if stage is not Stage.UNMASK:
         assert outcome.server.unmask == {}  # no device revealed a single share
-    for device in devices[4:]:
+    for device in set(devices) - set(dropped):
         assert outcome.clients[device].stage is Stage.ABORTED
         assert "aborted the round" in outcome.clients[device].abort_reason
 
 
 @pytest.mark.parametrize("stage", DROP_STAGES, ids=lambda s: s.name)
-def test_round_succeeds_with_exactly_threshold_survivors(stage):
+def test_round_succeeds_with_the_fewest_survivors_its_stage_allows(stage):
     devices, fleet, config, inputs = setup(7, 6, 4)
-    outcome = run_session(fleet, config, inputs, drop_at={stage: set(devices[:3])})
+    # Non-members count as dropped holders: 2 may go before unmasking (Q = 5 signers), 3 at it (t = 4 answers).
+    dropped = devices[:3] if stage is Stage.UNMASK else devices[:2]
+    outcome = run_session(fleet, config, inputs, drop_at={stage: set(dropped)})
     assert not outcome.aborted, outcome.abort_reason
     np.testing.assert_array_equal(outcome.result, exact_sum(inputs, outcome.server.contributors, 16))
 
 
-def test_a_device_whose_neighbours_all_drop_before_sharing_sits_out_and_the_round_goes_on():
-    devices, fleet, config, inputs = setup(12, 4, 2)
-    victim, neighbours = devices[5], set()
+def test_honest_but_curious_profile_unmasks_behind_only_t_signatures():
+    devices, fleet, config, inputs = setup(7, 6, 3, threat_model=ThreatModel.HONEST_BUT_CURIOUS)
+    outcome = run_session(fleet, config, inputs, drop_at={Stage.SHARE_KEYS: set(devices[:3])})
+    assert not outcome.aborted, outcome.abort_reason  # 4 signers: an active device would want 5
+    np.testing.assert_array_equal(outcome.result, exact_sum(inputs, devices[3:], 16))
+
+
+def test_a_device_that_loses_more_than_k_minus_t_holders_before_sharing_sits_out_and_the_round_goes_on():
+    devices, fleet, config, inputs = setup(30, 12, 7)  # k - t = 5 spare holders: silencing 6 cascades little
+    victim, adverts, holders = devices[5], {}, set()
 
     def learn(device, message):
         if isinstance(message, Roster) and device == victim:
-            neighbours.update(k.device_id for k in message.neighbours)
+            cohort = tuple(devices)
+            a = adverts[victim]
+            seed = holder_seed(message.round_nonce, victim, a.c_public, a.s_public, a.self_mask_commitment)
+            drawn = share_holders(cohort, cohort.index(victim), message.degree, seed)
+            holders.update(sorted(drawn)[: message.degree - message.threshold + 1])  # t - 1 stay
         return message
 
-    def silence_neighbours(device, message):
-        return None if device in neighbours and isinstance(message, ShareKeys) else message
+    def silence_holders(device, message):
+        if isinstance(message, AdvertiseKeys):
+            adverts[device] = message
+        return None if device in holders and isinstance(message, ShareKeys) else message
 
-    outcome = run_session(fleet, config, inputs, downlink_hook=learn, uplink_hook=silence_neighbours)
-    assert len(neighbours) == 4 and not outcome.aborted, outcome.abort_reason
-    contributors = set(devices) - neighbours - {victim}  # nobody but the victim holds its self-mask share
-    assert set(outcome.server.contributors) == contributors
+    outcome = run_session(fleet, config, inputs, downlink_hook=learn, uplink_hook=silence_holders)
+    assert len(holders) == 6 and not outcome.aborted, outcome.abort_reason
+    contributors = set(outcome.server.contributors)  # devices short of t holders sit out with the victim
+    assert victim not in contributors and not contributors & holders and len(contributors) >= 15
     np.testing.assert_array_equal(outcome.result, exact_sum(inputs, contributors, 16))
 
 
 def test_finder_parameters_run_a_full_session():
-    devices, fleet, config, inputs = setup(40, None, None)
+    devices, fleet, config, inputs = setup(40, None, None, noise_floor=None)  # t_honest = 36: 2 may drop
     outcome = run_session(fleet, config, inputs, drop_at={Stage.MASKED_INPUT: {devices[3], devices[20]}})
     assert not outcome.aborted, outcome.abort_reason
     chosen = choose_parameters(40, config.dropout_fraction, config.colluding_fraction)
-    assert outcome.server.params == chosen and chosen.degree < 39  # a sparse Harary graph
+    assert outcome.server.params == chosen and chosen.degree < 39  # each device draws k < n - 1 holders
     np.testing.assert_array_equal(outcome.result, exact_sum(inputs, outcome.server.contributors, 16))
 
 
@@ -210,7 +225,7 @@ def _rewrite_unmask_request(fleet: Fleet, victim: str, change):
 
 
 def test_client_refuses_to_reveal_both_shares_of_one_device():
-    devices, fleet, config, inputs = setup(8, 4, 2)
+    devices, fleet, config, inputs = setup(8, 4, 3)
     victim = devices[0]
 
     def ask_both(request: UnmaskRequest) -> UnmaskRequest:
@@ -226,7 +241,7 @@ def test_client_refuses_to_reveal_both_shares_of_one_device():
 
 
 def test_client_refuses_the_mask_key_share_of_a_device_that_submitted_input():
-    devices, fleet, config, inputs = setup(8, 4, 2)
+    devices, fleet, config, inputs = setup(8, 4, 3)
     victim = devices[0]
 
     def ask_mask_key_of_survivor(request: UnmaskRequest) -> UnmaskRequest:
@@ -242,45 +257,37 @@ def test_client_refuses_the_mask_key_share_of_a_device_that_submitted_input():
     assert victim not in outcome.server.unmask
 
 
-def test_consistency_check_catches_different_survivor_sets_sent_to_different_clients():
-    devices, fleet, config, inputs = setup(8, 7, 3)
+def test_different_survivor_sets_leave_the_server_short_of_a_quorum_and_nobody_unmasks():
+    devices, fleet, config, inputs = setup(8, 7, 5)  # quorum: max(5, (8 + 1) // 2 + 1) = 5
     group_b = set(devices[4:])
-    stolen: dict[str, bytes] = {}
+    sent: list[str] = []
 
     def downlink(device, message):
         if isinstance(message, SurvivorSet) and device in group_b:
             # The server tells group B that devices[0] dropped, while group A is told it survived.
             fewer = set(from_bitmap(devices, message.survivors, "survivors")) - {devices[0]}
             return resign_as_server(fleet, dataclasses.replace(message, survivors=to_bitmap(devices, fewer)))
-        if isinstance(message, UnmaskRequest) and device not in group_b:
-            # ... then shows group A every signature it collected, B's included.
-            extra = tuple(sorted(stolen.items()))
-            return resign_as_server(fleet, dataclasses.replace(message, consistency=message.consistency + extra))
         return message
 
-    def uplink(device, message):
-        if isinstance(message, ConsistencyCheck) and device in group_b:
-            stolen[device] = message.signature
-        return message
-
-    outcome = run_session(fleet, config, inputs, uplink_hook=uplink, downlink_hook=downlink)
-    for device in devices[:4]:
-        client = outcome.clients[device]
-        assert client.stage is Stage.ABORTED
-        assert isinstance(client.error, ConsistencyError) and "survivor sets differ" in str(client.error)
-    assert not set(outcome.server.unmask) & set(devices[:4])
+    outcome = run_session(fleet, config, inputs, downlink_hook=downlink,
+                          uplink_hook=lambda d, m: sent.append(type(m).__name__) or m)
+    assert outcome.aborted and outcome.result is None
+    assert "below the consistency quorum 5" in outcome.abort_reason
+    assert "UnmaskShares" not in sent
 
 
-def test_consistency_check_needs_threshold_many_signatures_over_the_same_set():
-    devices, fleet, config, inputs = setup(6, 5, 4)
+def test_client_needs_a_quorum_of_signatures_over_the_view_it_signed():
+    devices, fleet, config, inputs = setup(6, 5, 4)  # quorum: max(4, (6 + 1) // 2 + 1) = 4
     victim = devices[0]
 
-    def keep_two(request: UnmaskRequest) -> UnmaskRequest:
-        return dataclasses.replace(request, consistency=request.consistency[:2])
+    def keep_three(request: UnmaskRequest) -> UnmaskRequest:
+        signers = from_bitmap(devices, request.signers, "signers")[:3]
+        return dataclasses.replace(request, signers=to_bitmap(devices, signers), signatures=request.signatures[:3])
 
-    outcome = run_session(fleet, config, inputs, downlink_hook=_rewrite_unmask_request(fleet, victim, keep_two))
+    outcome = run_session(fleet, config, inputs, downlink_hook=_rewrite_unmask_request(fleet, victim, keep_three))
     client = outcome.clients[victim]
-    assert isinstance(client.error, ConsistencyError) and "only 2 devices confirmed" in str(client.error)
+    assert isinstance(client.error, ConsistencyError) and "only 3 of 6 members confirmed" in str(client.error)
+    assert victim not in outcome.server.unmask
 
 
 def _substitute_in_rosters(fleet: Fleet, owner: str, **keys: bytes):
@@ -299,55 +306,31 @@ def _substitute_in_rosters(fleet: Fleet, owner: str, **keys: bytes):
 
 
 def test_clients_catch_a_substituted_public_key_by_its_signature():
-    devices, fleet, config, inputs = setup(6, 5, 3)
+    devices, fleet, config, inputs = setup(6, 5, 4)
     hook, carriers = _substitute_in_rosters(fleet, devices[2], s_public=AgreementKey.generate().public)
     outcome = run_session(fleet, config, inputs, downlink_hook=hook)
     assert carriers == set(devices) - {devices[2]}  # a complete graph: everyone else uses the key
     for device in carriers:
         client = outcome.clients[device]
         assert client.stage is Stage.ABORTED
-        assert isinstance(client.error, SignatureError) and "'dev-02'" in str(client.error)
+        assert isinstance(client.error, SignatureError) and repr(devices[2]) in str(client.error)
     assert outcome.aborted and set(outcome.server.share_keys) == {devices[2]}  # no other device shared
     assert "aborted the round" in outcome.clients[devices[2]].abort_reason
 
 
-def test_a_substituted_key_is_caught_by_each_neighbour_that_would_use_it_and_the_rest_go_on():
-    devices, fleet, config, inputs = setup(12, 4, 2)
-    victim = devices[5]
-    hook, carriers = _substitute_in_rosters(fleet, victim, c_public=AgreementKey.generate().public)
-    outcome = run_session(fleet, config, inputs, downlink_hook=hook)
-    assert len(carriers) == 4 and victim not in carriers  # only the k neighbours ever see victim's keys
-    for device in carriers:
-        assert isinstance(outcome.clients[device].error, SignatureError)
-    assert not outcome.aborted, outcome.abort_reason
-    # the victim lost every neighbour: nobody else holds a share of its self-mask, so it sits out
-    contributors = set(devices) - carriers - {victim}
-    assert set(outcome.server.contributors) == contributors
-    np.testing.assert_array_equal(outcome.result, exact_sum(inputs, contributors, 16))
-
-
-def test_a_device_with_another_enrolment_directory_refuses_the_roster_and_says_why():
-    devices, fleet, config, inputs = setup(5, 4, 2)
+def test_a_device_with_another_enrolment_directory_refuses_the_round_and_says_why():
+    devices, fleet, config, inputs = setup(5, 4, 3)
     stale = {d: k for d, k in fleet.enrolled.items() if d != devices[4]}  # missed one enrolment
-    server, starts = start_server(config, tuple(devices[:4]), 1, now=0.0)
+    _, starts = start_server(config, tuple(devices[:4]), 1, now=0.0)
     client = start_client(dataclasses.replace(fleet.client_config(devices[0]), enrolled=stale), inputs[devices[0]],
                           now=0.0, round_index=1)
-    client, (advert,) = handle_client(client, dict(starts)[devices[0]], now=0.0)
-    rosters = []
-    for device, start in starts:
-        if device == devices[0]:
-            server, sends = handle_server(server, advert, now=0.0)
-        else:
-            other = start_client(fleet.client_config(device), inputs[device], now=0.0, round_index=1)
-            server, sends = handle_server(server, handle_client(other, start, now=0.0)[1][0], now=0.0)
-        rosters += sends
-    client, sent = handle_client(client, dict(rosters)[devices[0]], now=0.0)
+    client, sent = handle_client(client, dict(starts)[devices[0]], now=0.0)
     assert client.stage is Stage.ABORTED and sent == []
     assert "different enrolment directory" in client.abort_reason
 
 
 def test_a_roster_that_leaves_the_device_out_or_pads_its_bitmap_is_refused():
-    devices, fleet, config, inputs = setup(4, 3, 2)
+    devices, fleet, config, inputs = setup(6, 5, 4)
 
     def run_with(change):
         def hook(device, message):
@@ -358,7 +341,7 @@ def test_a_roster_that_leaves_the_device_out_or_pads_its_bitmap_is_refused():
         return run_session(fleet, config, inputs, downlink_hook=hook)
 
     left_out = run_with(lambda r: dataclasses.replace(r, members=to_bitmap(devices, devices[1:]))).clients[devices[0]]
-    assert isinstance(left_out.error, ProtocolViolationError) and "does not include this device" in str(left_out.error)
+    assert isinstance(left_out.error, ProtocolViolationError) and "lacks this device" in str(left_out.error)
     padded = run_with(lambda r: dataclasses.replace(r, members=r.members + b"\x00"))
     device = padded.clients[devices[0]]
     assert any("roster members bitmap is 2 bytes" in str(e) for e in device.rejections)
@@ -366,28 +349,22 @@ def test_a_roster_that_leaves_the_device_out_or_pads_its_bitmap_is_refused():
     assert set(padded.server.contributors) == set(devices[1:])  # and the round went on without it
 
 
-def test_device_requiring_a_majority_threshold_refuses_a_roster_below_it():
-    devices, fleet, config, inputs = setup(6, 5, 3)  # t = 3 of k + 1 = 6 holders: no strict majority
-    strict = dataclasses.replace(fleet.client_config(devices[0]), require_majority_threshold=True)
-    clients = {d: start_client(strict if d == devices[0] else fleet.client_config(d), inputs[d], now=0.0)
-               for d in devices}
-    server, starts = start_server(config, tuple(devices), 1, now=0.0)
-    rosters = []
-    for device, start in starts:
-        clients[device], (advert,) = handle_client(clients[device], start, now=0.0)
-        server, sends = handle_server(server, advert, now=0.0)
-        rosters += sends
-    assert server.stage is Stage.SHARE_KEYS and tick_server(server, now=0.5)[1] == []
-    state, sent = handle_client(clients[devices[0]], dict(rosters)[devices[0]], now=1.0)
-    assert state.stage is Stage.ABORTED and sent == []
-    assert "strict majority" in state.abort_reason
+def test_active_devices_refuse_a_roster_without_a_strict_majority_threshold():
+    # t = 3 of k + 1 = 6 holders: fine for an honest-but-curious server, refused by the active default.
+    devices, fleet, config, inputs = setup(6, 5, 3, threat_model=ThreatModel.HONEST_BUT_CURIOUS)
+    active = {d: fleet.client_config(d) for d in devices}
+    outcome = run_session(fleet, config, inputs, client_configs=active)
+    assert outcome.aborted and outcome.server.share_keys == {}
+    for client in outcome.clients.values():
+        assert isinstance(client.error, ProtocolViolationError) and "strict majority" in client.abort_reason
 
 
 # --- malicious or broken devices and replays -------------------------------------------------------------
 
 
-def test_tampered_share_ciphertext_drops_its_sender_and_the_round_goes_on():
-    devices, fleet, config, inputs = setup(10, 4, 2)
+def test_a_tampered_share_ciphertext_is_only_noted_and_the_round_goes_on_with_its_sender():
+    """The server cannot tell who broke a share (sender or receiver), so it drops neither."""
+    devices, fleet, config, inputs = setup(10, 4, 3)
     cheat = devices[3]
     victims: list[str] = []
 
@@ -403,15 +380,15 @@ def test_tampered_share_ciphertext_drops_its_sender_and_the_round_goes_on():
 
     outcome = run_session(fleet, config, inputs, uplink_hook=uplink)
     assert outcome.clients[victims[0]].rejected == (cheat,)
-    assert cheat in outcome.server.accused
+    assert outcome.server.accusations[victims[0]] == (cheat,)
     assert not outcome.aborted, outcome.abort_reason
-    assert set(outcome.server.contributors) == set(devices) - {cheat}
-    np.testing.assert_array_equal(outcome.result, exact_sum(inputs, set(devices) - {cheat}, 16))
+    assert outcome.server.offenders == frozenset()
+    np.testing.assert_array_equal(outcome.result, exact_sum(inputs, devices, 16))
 
 
 @pytest.mark.parametrize("forgery", ["unsigned", "mis-signed"])
-def test_unsigned_or_mis_signed_message_is_rejected_and_its_sender_dropped(forgery):
-    devices, fleet, config, inputs = setup(8, 4, 2)
+def test_an_unsigned_or_mis_signed_masked_input_is_ignored_without_penalising_its_claimed_sender(forgery):
+    devices, fleet, config, inputs = setup(8, 4, 3)
     target = devices[5]
     impostor = IdentityKey.generate()
 
@@ -424,13 +401,13 @@ def test_unsigned_or_mis_signed_message_is_rejected_and_its_sender_dropped(forge
 
     outcome = run_session(fleet, config, inputs, uplink_hook=uplink)
     rejection = next(r for r in outcome.server.rejections if r.sender == target)
-    assert isinstance(rejection.error, SignatureError)
-    assert not outcome.aborted, outcome.abort_reason
+    assert isinstance(rejection.error, SignatureError) and target not in outcome.server.offenders
+    assert not outcome.aborted, outcome.abort_reason  # the target's input never arrived: it counts as dropped
     np.testing.assert_array_equal(outcome.result, exact_sum(inputs, set(devices) - {target}, 16))
 
 
 def test_messages_replayed_from_an_earlier_round_are_rejected():
-    devices, fleet, config, inputs = setup(8, 4, 2)
+    devices, fleet, config, inputs = setup(8, 4, 3)
     recorded: dict[type, object] = {}
 
     def record(device, message):
@@ -449,6 +426,7 @@ def test_messages_replayed_from_an_earlier_round_are_rejected():
     second = run_session(fleet, config, inputs, round_index=2, uplink_hook=replay)
     rejection = next(r for r in second.server.rejections if r.sender == devices[2])
     assert isinstance(rejection.error, ReplayError) and "round 1" in str(rejection.error)
+    assert devices[2] not in second.server.offenders
     assert not second.aborted, second.abort_reason
     np.testing.assert_array_equal(second.result, exact_sum(inputs, set(devices) - {devices[2]}, 16))
 
@@ -464,7 +442,7 @@ def test_messages_replayed_from_an_earlier_round_are_rejected():
 
 
 def test_client_ignores_a_relay_replayed_from_an_earlier_session():
-    devices, fleet, config, inputs = setup(8, 4, 2)
+    devices, fleet, config, inputs = setup(8, 4, 3)
     old: dict[str, ShareRelay] = {}
 
     def record(device, message):
@@ -485,7 +463,7 @@ def test_client_ignores_a_relay_replayed_from_an_earlier_session():
 
 
 def test_client_ignores_a_round_start_replayed_from_an_older_round():
-    devices, fleet, config, inputs = setup(4, 3, 2)
+    devices, fleet, config, inputs = setup(4, 3, 3)
     old: dict[str, object] = {}
 
     def record(device, message):
@@ -504,7 +482,7 @@ def test_client_ignores_a_round_start_replayed_from_an_older_round():
 
 
 def test_client_gives_up_after_its_stage_deadline():
-    devices, fleet, config, inputs = setup(4, 3, 2)
+    devices, fleet, config, inputs = setup(4, 3, 3)
     outcome = run_session(fleet, config, inputs, drop_at={Stage.MASKED_INPUT: set(devices[:3])})
     lonely = outcome.clients[devices[3]]
     assert lonely.stage is Stage.ABORTED  # the server aborted and told it
@@ -518,7 +496,7 @@ def test_client_gives_up_after_its_stage_deadline():
 
 
 def test_one_devices_masked_vector_is_uniform_under_chi_square():
-    devices, fleet, config, _ = setup(4, 3, 2, length=1 << 16, bits=8)
+    devices, fleet, config, _ = setup(4, 3, 3, length=1 << 16, bits=8)
     inputs = {d: np.zeros(1 << 16, dtype=np.uint32) for d in devices}  # maximally structured input
     seen: dict[str, np.ndarray] = {}
 
@@ -539,7 +517,7 @@ def test_one_devices_masked_vector_is_uniform_under_chi_square():
 
 
 def test_honest_server_never_asks_for_both_shares_or_for_mask_keys_of_survivors():
-    devices, fleet, config, inputs = setup(12, 4, 2)
+    devices, fleet, config, inputs = setup(12, 6, 4)
     requests: list[UnmaskRequest] = []
 
     def capture(device, message):
@@ -558,7 +536,7 @@ def test_honest_server_never_asks_for_both_shares_or_for_mask_keys_of_survivors(
 
 @pytest.mark.parametrize("defect", ["short vector", "entries above 2^b", "unknown rejection"])
 def test_server_drops_a_device_whose_signed_masked_input_breaks_the_rules(defect):
-    devices, fleet, config, inputs = setup(8, 4, 2, bits=12)
+    devices, fleet, config, inputs = setup(8, 4, 3, bits=12)
     cheat = devices[2]
 
     def uplink(device, message):
@@ -580,7 +558,7 @@ def test_server_drops_a_device_whose_signed_masked_input_breaks_the_rules(defect
 
 
 def test_server_drops_a_device_advertising_a_low_order_key():
-    devices, fleet, config, inputs = setup(6, 5, 2)
+    devices, fleet, config, inputs = setup(6, 5, 4)
     cheat = devices[1]
 
     def uplink(device, message):
@@ -595,8 +573,8 @@ def test_server_drops_a_device_advertising_a_low_order_key():
     np.testing.assert_array_equal(outcome.result, exact_sum(inputs, set(devices) - {cheat}, 16))
 
 
-def test_server_refuses_shares_addressed_outside_the_senders_neighbourhood():
-    devices, fleet, config, inputs = setup(10, 4, 2)
+def test_server_refuses_shares_addressed_to_devices_the_sender_did_not_draw():
+    devices, fleet, config, inputs = setup(10, 4, 3)
     cheat = devices[4]
 
     def uplink(device, message):
@@ -610,13 +588,13 @@ def test_server_refuses_shares_addressed_outside_the_senders_neighbourhood():
 
     outcome = run_session(fleet, config, inputs, uplink_hook=uplink)
     rejection = next(r for r in outcome.server.rejections if r.sender == cheat)
-    assert isinstance(rejection.error, ProtocolViolationError) and "neighbours" in str(rejection.error)
+    assert isinstance(rejection.error, ProtocolViolationError) and "holders it drew" in str(rejection.error)
     assert cheat not in outcome.server.u2
     np.testing.assert_array_equal(outcome.result, exact_sum(inputs, set(devices) - {cheat}, 16))
 
 
 def test_client_reveals_nothing_to_a_second_unmask_request():
-    devices, fleet, config, inputs = setup(6, 5, 3)
+    devices, fleet, config, inputs = setup(6, 5, 4)
     sent: list[str] = []
 
     def downlink(device, message):
