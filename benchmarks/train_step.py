@@ -9,7 +9,7 @@ onnxruntime.
 
 Targets at 1 thread: MLP <= 0.5x PyTorch, CNN <= 1.0x PyTorch, MLP RSS <= 80 MB.
 
-Real models (``torch_models``: resnet18, squeezenet1_1, mobilenet_v3_small full and head-only, a GRU
+Real models (``_torch_models``: resnet18, squeezenet1_1, mobilenet_v3_small full and head-only, a GRU
 keyword spotter; batch 32, 3x32x32 images): exported with ``aggregator.export.torch_to_onnx`` from
 ``model.train()`` (BatchNorm with batch statistics, as PyTorch trains) or, head-only, from
 ``model.eval()`` with only the head trainable, and timed against PyTorch training the same tensors
@@ -322,7 +322,7 @@ def main() -> None:
     if only is None or only & {"mlp", "cnn"}:
         small_models(scale, args.profile, only)
     if torch is not None and (only is None or only - {"mlp", "cnn"}):
-        from real_models import real_model_table  # needs torch
+        from _real_models import real_model_table  # needs torch
 
         real_model_table(scale, args.profile, only)
 

@@ -15,9 +15,9 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+import _torch_models as torch_models
 import numpy as np
 import torch
-import torch_models
 from train_step import BATCH, LR, PEAK_RSS, ROOT, interleaved_medians
 
 from aggregator.compiler import compile_model
@@ -98,7 +98,7 @@ if side == "fleetlearn":
     y = rng.integers(0, 10, 32).astype(np.int64)
     step = lambda: state.train_step(x, y, 0.01)
 else:
-    from real_models import Case, torch_training
+    from _real_models import Case, torch_training
     step, _, _ = torch_training(Case(model, optimizer, head_only=head == "1"), int(threads))
 for _ in range(int(sys.argv[8])):
     step()
