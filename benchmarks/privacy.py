@@ -1,8 +1,9 @@
 """Distributed-DP benchmark: each encoder stage at d = 10^6 against floors measured in the same run,
-and the accountant's time for 1,000 rounds.
+the rotations at d = 10^5 and 10^6, the bytes a device sends, and the accountant's time for 1,000 rounds.
 
 Run: .venv/bin/python benchmarks/privacy.py   (pins BLAS/OpenMP to one thread: the target is one core)
 Targets (issue 4): whole encoder <= 150 ms at d = 10^6 on one core; accountant for 1,000 rounds < 1 s.
+Target (issue 10): bytes per device per round <= (b/32 + 0.01) x the float32 model at b = 20, d = 10^5.
 """
 
 from __future__ import annotations
@@ -32,10 +33,13 @@ from edge_sdk.privacy.encoding import (  # noqa: E402
 from edge_sdk.privacy.modes import PrivacyMode, local_noise_variance  # noqa: E402
 from edge_sdk.privacy.noise import fresh_noise_generator, noise_mechanism  # noqa: E402
 from edge_sdk.privacy.participation import participation_event  # noqa: E402
+from edge_sdk.privacy.rotation import OVERLAP, POW2, make_rotation, rotation_signs  # noqa: E402
 from edge_sdk.privacy.rounding import conditional_stochastic_round, stochastic_round  # noqa: E402
 
 DIM = 10**6
 REPEATS = 7
+ROTATION_DIMS = (10**5, 10**6)
+WIRE_BITS = 20
 
 
 def median_ms(fn, setup=lambda: None, repeats: int = REPEATS) -> float:
@@ -63,7 +67,68 @@ def butterfly_fwht(x: np.ndarray) -> np.ndarray:
     return x
 
 
+def dft_rotate(x: np.ndarray, signs: np.ndarray) -> np.ndarray:
+    """TFF's DiscreteFourierTransform alternative: signs, then a unitary FFT of the d/2 complex pairs."""
+    return np.fft.fft((x * signs).view(np.complex64), norm="ortho").astype(np.complex64).view(np.float32)
+
+
+def spike_peak(rotate, dim: int) -> float:
+    """max |y| * sqrt(d) / ||x|| for a spike on the last coordinate (1 = perfectly flat)."""
+    x = np.zeros(dim, dtype=np.float32)
+    x[-1] = 1.0
+    return float(np.abs(rotate(x)).max()) * np.sqrt(dim)
+
+
+def rotation_table() -> None:
+    """The padded and unpadded rotations next to numpy baselines, and their worst-case flatness."""
+    rng = np.random.default_rng(1)
+    seed = bytes(range(16))
+    print(f"{'rotation (one thread, median ms)':<30}{'d':>9}{'length':>9}{'ms':>8}{'spike peak':>12}")
+    for dim in ROTATION_DIMS:
+        x = rng.standard_normal(dim).astype(np.float32)
+        signs = rotation_signs(seed, dim)
+        for name in (POW2, OVERLAP):
+            rotation = make_rotation(name, seed, dim)
+            rotation.rotate(x)  # warm the sign cache, as a device would per round
+            ms = median_ms(rotation.rotate, lambda x=x: x)
+            print(f"{name:<30}{dim:>9}{rotation.encoded_dim:>9}{ms:>8.2f}{spike_peak(rotation.rotate, dim):>12.3f}")
+        padded = make_rotation(POW2, seed, dim).encoded_dim
+        window = make_rotation(OVERLAP, seed, dim).spread_dim
+        rows = [
+            (f"baseline: textbook FWHT {padded}", padded,
+             median_ms(butterfly_fwht, lambda n=padded: rng.standard_normal(n).astype(np.float32)), None),
+            (f"baseline: 2 x textbook FWHT {window}", dim,
+             2 * median_ms(butterfly_fwht, lambda n=window: rng.standard_normal(n).astype(np.float32)), None),
+            ("baseline: DFT rotation (np.fft)", dim, median_ms(lambda v, s=signs: dft_rotate(v, s), lambda x=x: x),
+             spike_peak(lambda v, s=signs: dft_rotate(v, s), dim)),
+            ("baseline: x * signs (memory)", dim, median_ms(lambda v, s=signs: v * s, lambda x=x: x), None),
+        ]
+        for name, length, ms, peak in rows:
+            tail = f"{peak:>12.3f}" if peak is not None else ""
+            print(f"{name:<30}{dim:>9}{length:>9}{ms:>8.2f}{tail}")
+    print("spike peak = max|y| sqrt(d)/||x|| for x on the last coordinate: sqrt(d/spread_dim); "
+          "the calibration's wrap bound assumes exactly that")
+
+
+def bytes_table() -> None:
+    """What one device sends per round, bit-packed at b bits per entry, against the float32 model."""
+    target = WIRE_BITS / 32 + 0.01
+    print(f"{'bytes per device per round, b = 20':<36}{'d':>9}{'length':>9}{'bytes':>10}{'float32':>10}"
+          f"{'ratio':>8}{'target':>8}")
+    for dim in ROTATION_DIMS:
+        for name in (POW2, OVERLAP):
+            length = make_rotation(name, bytes(16), dim).encoded_dim
+            sent = -(-length * WIRE_BITS // 8)  # ceil(length * b / 8)
+            ratio = sent / (4 * dim)
+            verdict = "ok" if ratio <= target else "over"
+            print(f"{name:<36}{dim:>9}{length:>9}{sent:>10}{4 * dim:>10}{ratio:>8.4f}{target:>8.4f} {verdict}")
+
+
 def main() -> None:
+    rotation_table()
+    print()
+    bytes_table()
+    print()
     rng = np.random.default_rng(0)
     update = rng.standard_normal(DIM).astype(np.float32)
     cal = calibrate(target_epsilon=3.0, delta=1e-6, cohort_size=100, rounds=100, dim=DIM, bits=20,
@@ -72,11 +137,12 @@ def main() -> None:
     central = (cal.noise_multiplier * cal.clip / cal.gamma) ** 2
     local = local_noise_variance(PrivacyMode.DISTRIBUTED, central, cal.honest_contributors)
     noise_rng = fresh_noise_generator()
-    rotation = params.rotation
+    rotation = params.rotator
     rotation.rotate(np.zeros(DIM, dtype=np.float32))  # warm the sign cache, as a device would per round
 
-    n = params.padded_dim
-    floor_fwht = median_ms(butterfly_fwht, lambda: rng.standard_normal(n).astype(np.float32))
+    n = params.padded_dim  # the encoded length: DIM itself with the default rotation
+    window = params.spread_dim
+    floor_fwht = 2 * median_ms(butterfly_fwht, lambda: rng.standard_normal(window).astype(np.float32))
     floor_round = median_ms(
         lambda x: stochastic_round(x, noise_rng), lambda: rng.uniform(-50, 50, DIM).astype(np.float32)
     )
@@ -91,9 +157,9 @@ def main() -> None:
     skellam, dgauss = noise_mechanism("skellam"), noise_mechanism("discrete_gaussian")
     stages = [
         ("clip (L2, float32)", median_ms(lambda u: clip_l2(u, params.clip), lambda: update.copy()), None),
-        ("rotate (pad + signs + FWHT 2^20)", median_ms(rotation.rotate, lambda: clipped), floor_fwht),
+        (f"rotate ({params.rotation})", median_ms(rotation.rotate, lambda: clipped), floor_fwht),
         ("scale 1/gamma", median_ms(lambda r: scale(r, params.gamma), lambda: rotated.copy()), None),
-        ("round (conditional, 2^20)", median_ms(
+        (f"round (conditional, {n})", median_ms(
             lambda s: conditional_stochastic_round(s, params.l2_sensitivity, noise_rng), lambda: scaled), floor_round),
         ("noise: skellam", median_ms(
             lambda r: add_noise(r, skellam, local, noise_rng), lambda: rounded.copy()), 2 * floor_poisson),
@@ -108,13 +174,13 @@ def main() -> None:
     total = np.zeros(n, dtype=np.uint32)
     decode = median_ms(lambda t: decode_sum(t, params, 100), lambda: total)
 
-    print(f"encoder, d = {DIM} (padded {n}), b = 20, gamma = {cal.gamma:.3g}, local variance = {local:.3g}, "
-          f"one thread; median of {REPEATS}")
+    print(f"encoder, d = {DIM} (encoded length {n}, {params.rotation}), b = 20, gamma = {cal.gamma:.3g}, "
+          f"local variance = {local:.3g}, one thread; median of {REPEATS}")
     print(f"{'stage':<36}{'median ms':>10}{'floor ms':>10}{'ratio':>8}")
-    print(f"{'floor: textbook FWHT 2^20 float32':<36}{floor_fwht:>10.2f}")
+    print(f"{'floor: 2 x textbook FWHT ' + str(window):<36}{floor_fwht:>10.2f}")
     print(f"{'floor: plain stochastic rounding':<36}{floor_round:>10.2f}")
-    print(f"{'floor: 2 x numpy Poisson 2^20':<36}{2 * floor_poisson:>10.2f}")
-    print(f"{'floor: 2 x numpy geometric 2^20':<36}{2 * floor_geometric:>10.2f}")
+    print(f"{'floor: 2 x numpy Poisson ' + str(n):<36}{2 * floor_poisson:>10.2f}")
+    print(f"{'floor: 2 x numpy geometric ' + str(n):<36}{2 * floor_geometric:>10.2f}")
     for name, ms, floor in stages:
         tail = f"{floor:>10.2f}{ms / floor:>8.2f}" if floor else ""
         print(f"{name:<36}{ms:>10.2f}{tail}")
