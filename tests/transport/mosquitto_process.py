@@ -8,6 +8,7 @@ other work and is never used.
 from __future__ import annotations
 
 import os
+import pwd
 import shutil
 import signal
 import socket
@@ -33,7 +34,11 @@ class MosquittoBroker:
         self.persistence = persistence
         self.config_path = directory / f"mosquitto-{self.port}.conf"
         self.log_path = directory / f"mosquitto-{self.port}.log"
-        lines = [f"listener {self.port} 127.0.0.1", "allow_anonymous true" if "password_file" not in config else ""]
+        # stay the user running the tests: as root, mosquitto would switch to "mosquitto", which cannot
+        # read pytest's private tmp_path (certificates, password file, persistence, log)
+        lines = [f"user {pwd.getpwuid(os.geteuid()).pw_name}", f"listener {self.port} 127.0.0.1"]
+        if "password_file" not in config:
+            lines.append("allow_anonymous true")
         lines.append(config)
         if persistence:
             # save after every change, so a SIGKILL loses nothing that was acknowledged
