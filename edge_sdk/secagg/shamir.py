@@ -111,6 +111,7 @@ class LagrangeCache:
 
     threshold: int
     _cache: dict[tuple[int, ...], tuple[int, ...]] = field(default_factory=dict)
+    _inverse_products: dict[tuple[int, ...], int] = field(default_factory=dict)
 
     def subset(self, shares: Mapping[int, int]) -> tuple[int, ...]:
         """The x's a reconstruction from ``shares`` will use: the ``threshold`` lowest."""
@@ -154,9 +155,11 @@ class LagrangeCache:
                 f"cannot reconstruct {what}: {len(shares)} shares received, threshold is {self.threshold}"
             )
         xs = sorted(shares)
-        first = self._attempt(shares, tuple(xs[: self.threshold]), check)
+        lowest = tuple(xs[: self.threshold])
+        first = self._attempt(shares, lowest, check)
         if first is not None:
-            return CheckedSecret(first, ())
+            bad = tuple(x for x in xs[self.threshold:] if self.evaluate(shares, lowest, x) != shares[x])
+            return CheckedSecret(first, bad)
         tries = 1
         for left_out in range(1, len(xs) - self.threshold + 1):
             for excluded in itertools.combinations(xs, left_out):
@@ -164,13 +167,29 @@ class LagrangeCache:
                 secret = self._attempt(shares, subset, check)
                 tries += 1
                 if secret is not None:
-                    bad = tuple(x for x in xs if x not in subset and evaluate_at(shares, subset, x) != shares[x])
+                    bad = tuple(x for x in xs if x not in subset and self.evaluate(shares, subset, x) != shares[x])
                     return CheckedSecret(secret, bad)
                 if tries >= max_subsets:
                     raise ReconstructionError(f"cannot reconstruct {what}: no subset of {len(xs)} shares "
                                               f"rebuilds a checked secret within {max_subsets} tries")
         raise ReconstructionError(f"cannot reconstruct {what}: no {self.threshold} of its {len(xs)} shares "
                                   "rebuild the committed secret (too many bad shares)")
+
+    def evaluate(self, shares: Mapping[int, int], xs: tuple[int, ...], x: int) -> int:
+        """The polynomial through the points ``xs`` of ``shares`` at ``x`` (not one of ``xs``).
+
+        Why no inversion per call: L_i(x) = L_i(0) * x_i * W^-1 * P(x) / (x_i - x) with W = prod x_j and
+        P(x) = prod (x_j - x). The division is exact over the integers and W^-1 is cached per subset,
+        so checking every extra share of every secret costs a few multiplications each.
+        """
+        inverse = self._inverse_products.get(xs)
+        if inverse is None:
+            inverse = self._inverse_products[xs] = pow(math.prod(xs), -1, PRIME)
+        product = math.prod(xj - x for xj in xs)
+        total = 0
+        for c, xi in zip(self.coefficients(xs), xs, strict=True):
+            total += shares[xi] * c * xi * (product // (xi - x))
+        return total * inverse % PRIME
 
     def _attempt(self, shares: Mapping[int, int], xs: tuple[int, ...], check: Callable[[bytes], bool]) -> bytes | None:
         total = sum(c * shares[x] for c, x in zip(self.coefficients(xs), xs, strict=True)) % PRIME
@@ -186,16 +205,6 @@ class CheckedSecret:
 
     secret: bytes
     bad_xs: tuple[int, ...]
-
-
-def evaluate_at(shares: Mapping[int, int], xs: Sequence[int], x: int) -> int:
-    """The polynomial through the points ``xs`` of ``shares``, evaluated at ``x`` (Lagrange form)."""
-    total = 0
-    for xi in xs:
-        num = math.prod(x - xj for xj in xs if xj != xi) % PRIME
-        den = math.prod(xi - xj for xj in xs if xj != xi) % PRIME
-        total += shares[xi] * num * pow(den, -1, PRIME)
-    return total % PRIME
 
 
 def reconstruct_secret(shares: Mapping[int, int], threshold: int) -> bytes:

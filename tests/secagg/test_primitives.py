@@ -225,3 +225,28 @@ def test_share_encryption_round_trips_for_any_plaintext_and_context(plaintext, r
 def test_agreement_key_refuses_a_private_key_of_the_wrong_length():
     with pytest.raises(SecAggConfigError, match="32 bytes"):
         AgreementKey(b"\x01" * 31)
+
+
+@given(secret=st.binary(min_size=32, max_size=32), threshold=st.integers(2, 7), extra=st.integers(1, 5),
+       corrupt=st.data())
+@settings(max_examples=60, deadline=None)
+def test_checked_reconstruction_names_exactly_the_corrupted_shares_wherever_they_sit(secret, threshold, extra,
+                                                                                     corrupt):
+    xs = list(range(1, threshold + extra + 1))
+    shares = split_secret(secret, threshold, xs)
+    bad = set(corrupt.draw(st.lists(st.sampled_from(xs), min_size=1, max_size=min(extra, 2), unique=True)))
+    tampered = {x: (y + 1) % PRIME if x in bad else y for x, y in shares.items()}
+    found = LagrangeCache(threshold).reconstruct_checked(tampered, lambda s: s == secret, "test secret")
+    assert found.secret == secret and set(found.bad_xs) == bad
+
+
+def test_evaluating_the_polynomial_off_the_subset_gives_the_other_shares():
+    shares = split_secret(os.urandom(32), 4, list(range(1, 10)))
+    cache = LagrangeCache(4)
+    assert all(cache.evaluate(shares, (2, 3, 5, 7), x) == shares[x] for x in (1, 4, 6, 8, 9))
+
+
+def test_checked_reconstruction_gives_up_when_no_subset_rebuilds_the_committed_secret():
+    shares = split_secret(os.urandom(32), 3, [1, 2, 3, 4])
+    with pytest.raises(ReconstructionError, match="too many bad shares"):
+        LagrangeCache(3).reconstruct_checked(shares, lambda s: False, "a secret")
