@@ -191,8 +191,7 @@ class SqliteStore(Store):
             if existing is not None:
                 state = "enrolled" if existing.active else "revoked"
                 raise StoreConflictError(
-                    f"device {device_id} is already {state} (since {existing.revoked_at or existing.enrolled_at:.0f}); "
-                    "an id is never reused: enrol the device under a new id"
+                    f"device {device_id} is already {state}; an id is never reused: enrol the device under a new id"
                 )
             holder = self._one("SELECT device_id FROM devices WHERE public_key = ?", public_key)
             if holder is not None:
@@ -214,7 +213,7 @@ class SqliteStore(Store):
                     f"device {device_id} is not enrolled (`fleetlearn aggregator devices` lists them)"
                 )
             if not existing.active:
-                raise StoreConflictError(f"device {device_id} was already revoked at {existing.revoked_at:.0f}")
+                raise StoreConflictError(f"device {device_id} was already revoked")
             self._db.execute(
                 "UPDATE devices SET revoked_at = ?, revoke_reason = ? WHERE device_id = ?", (now, reason, device_id)
             )
