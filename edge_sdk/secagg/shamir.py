@@ -14,7 +14,7 @@ from __future__ import annotations
 import itertools
 import math
 import secrets
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from edge_sdk.secagg.errors import ReconstructionError, SecAggConfigError
@@ -147,33 +147,45 @@ class LagrangeCache:
 
         Why: one corrupted share must not abort a round that holds more than t shares. The t lowest
         x's are tried first (the fast path, shared with the cache); on failure, subsets that leave
-        out 1, 2, ... shares are tried in turn, and once one rebuilds a checked secret every share
-        off its polynomial is named as bad.
+        out 1, 2, ... shares are tried in turn.
+
+        Blame needs more than a passing secret: colluding holders can corrupt their shares so that
+        the errors cancel at 0, and the polynomial through their subset then disagrees with the
+        honest shares. A share is named bad only off a polynomial that agrees with at least
+        (N + t) / 2 of the N points (the shares and the checked secret at 0): any other polynomial
+        with that much agreement shares t points with it, so it is the honest one whenever at most
+        (N - t) / 2 shares are bad. Otherwise nobody is named (``CheckedSecret.ambiguous``).
         """
         if len(shares) < self.threshold:
             raise ReconstructionError(
                 f"cannot reconstruct {what}: {len(shares)} shares received, threshold is {self.threshold}"
             )
         xs = sorted(shares)
-        lowest = tuple(xs[: self.threshold])
-        first = self._attempt(shares, lowest, check)
-        if first is not None:
-            bad = tuple(x for x in xs[self.threshold:] if self.evaluate(shares, lowest, x) != shares[x])
-            return CheckedSecret(first, bad)
-        tries = 1
-        for left_out in range(1, len(xs) - self.threshold + 1):
-            for excluded in itertools.combinations(xs, left_out):
-                subset = tuple(x for x in xs if x not in excluded)[: self.threshold]
-                secret = self._attempt(shares, subset, check)
-                tries += 1
-                if secret is not None:
-                    bad = tuple(x for x in xs if x not in subset and self.evaluate(shares, subset, x) != shares[x])
-                    return CheckedSecret(secret, bad)
-                if tries >= max_subsets:
-                    raise ReconstructionError(f"cannot reconstruct {what}: no subset of {len(xs)} shares "
-                                              f"rebuilds a checked secret within {max_subsets} tries")
+        points = len(xs) + 1
+        found: bytes | None = None
+        for tries, subset in enumerate(self._subsets(xs), start=1):
+            secret = self._attempt(shares, subset, check)
+            if secret is not None:
+                found = secret
+                off = tuple(x for x in xs if x not in subset and self.evaluate(shares, subset, x) != shares[x])
+                if 2 * (points - len(off)) >= points + self.threshold:
+                    return CheckedSecret(secret, off)
+            if tries >= max_subsets:
+                break
+        if found is not None:
+            return CheckedSecret(found, (), ambiguous=True)
         raise ReconstructionError(f"cannot reconstruct {what}: no {self.threshold} of its {len(xs)} shares "
                                   "rebuild the committed secret (too many bad shares)")
+
+    def _subsets(self, xs: list[int]) -> Iterator[tuple[int, ...]]:
+        """The t lowest x's, then the t lowest after leaving out 1, 2, ... of the shares."""
+        seen = set()
+        for left_out in range(len(xs) - self.threshold + 1):
+            for excluded in itertools.combinations(xs, left_out):
+                subset = tuple(x for x in xs if x not in excluded)[: self.threshold]
+                if subset not in seen:
+                    seen.add(subset)
+                    yield subset
 
     def evaluate(self, shares: Mapping[int, int], xs: tuple[int, ...], x: int) -> int:
         """The polynomial through the points ``xs`` of ``shares`` at ``x`` (not one of ``xs``).
@@ -201,10 +213,14 @@ class LagrangeCache:
 
 @dataclass(frozen=True)
 class CheckedSecret:
-    """A secret rebuilt and accepted by its check, and the x's of shares found off its polynomial."""
+    """A secret rebuilt and accepted by its check, and the x's of shares found off its polynomial.
+
+    ``ambiguous``: the secret is right, but too many shares disagree to tell which ones are bad.
+    """
 
     secret: bytes
     bad_xs: tuple[int, ...]
+    ambiguous: bool = False
 
 
 def reconstruct_secret(shares: Mapping[int, int], threshold: int) -> bytes:
