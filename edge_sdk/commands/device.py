@@ -1,4 +1,8 @@
-"""``fleetlearn device``: this device's privacy ledger, created with ``init`` and read with ``budget``."""
+"""``fleetlearn device``: this device's identity and privacy ledger (``init``, ``budget``) and its agent (``run``).
+
+``init --state-dir DIR`` makes the identity key, the id and the ledger the agent uses and prints
+the public key to enrol; ``init --ledger PATH`` alone still makes just a ledger.
+"""
 
 from __future__ import annotations
 
@@ -10,22 +14,28 @@ from pathlib import Path
 from edge_sdk.commands._arguments import finite_float
 
 NAME = "device"
-HELP = "this device's state: create its privacy ledger (init) and show the budget spent (budget)"
+HELP = "this device: create its identity and privacy ledger (init), show the budget spent (budget), run the agent (run)"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     sub = parser.add_subparsers(dest="device_command", metavar="ACTION", required=True,
                                 parser_class=type(parser))
     init = sub.add_parser(
-        "init", help="create a privacy ledger with a budget (epsilon, delta); an existing ledger is never touched"
+        "init", help="create the identity key and a privacy ledger with a budget (epsilon, delta); nothing existing "
+        "is ever touched"
     )
-    init.add_argument("--ledger", required=True, metavar="PATH", help="the ledger file to create")
+    init.add_argument("--state-dir", metavar="DIR",
+                      help="the agent's state directory: identity key, device id and ledger")
+    init.add_argument("--device-id", metavar="ID", help="with --state-dir: the device id (default: the host name)")
+    init.add_argument("--ledger", metavar="PATH",
+                      help="the ledger file to create (default with --state-dir: DIR/privacy.ledger)")
     init.add_argument("--profile", metavar="NAME|FILE.json",
                       help="take the budget from this device profile's epsilon_budget and delta")
     init.add_argument("--epsilon", type=finite_float(0.0, exclusive=True), help="the budget epsilon (> 0)")
     init.add_argument("--delta", type=float, help="the budget delta, in (0, 1)")
     budget = sub.add_parser("budget", help="show the epsilon spent and left, from the privacy ledger")
-    budget.add_argument("--ledger", required=True, metavar="PATH", help="the device's privacy ledger file")
+    budget.add_argument("--ledger", metavar="PATH", help="the device's privacy ledger file")
+    budget.add_argument("--state-dir", metavar="DIR", help="the agent's state directory (its privacy.ledger)")
     budget.add_argument("--json", action="store_true", help="print one JSON object instead of text")
 
 
@@ -62,7 +72,14 @@ def _init(args: argparse.Namespace) -> int:
         epsilon, delta = args.epsilon, args.delta
         if not 0.0 < delta < 1.0:
             raise ConfigError(f"--delta must be in (0, 1), got {delta}")
+    if args.state_dir is not None:
+        from edge_sdk.device.state_dir import check_device_id, create_identity, default_device_id
+
+        device_id = check_device_id(args.device_id or default_device_id())
+    state_dir = _state_dir(args)
     path = _ledger_file(args.ledger, must_exist=False)
+    if state_dir is not None:
+        identity = create_identity(state_dir, device_id)  # refuses an initialised directory, before the ledger
     try:
         with DeviceLedger.open(path, epsilon, delta) as ledger:
             spend = ledger.spent()
@@ -71,12 +88,43 @@ def _init(args: argparse.Namespace) -> int:
     sys.stdout.write(
         f"created privacy ledger {path}: budget epsilon={spend.budget_epsilon:g} delta={spend.delta:g}\n"
     )
+    if state_dir is not None:
+        sys.stdout.write(
+            f"created identity of device {device_id} in {state_dir}\n"
+            f"public key: {identity.public.hex()}\n"
+            f"enrol it on the aggregator with: fleetlearn aggregator enrol --store STORE --device {device_id} "
+            f"--public-key {identity.public.hex()}\n"
+        )
     return 0
+
+
+def _state_dir(args: argparse.Namespace) -> Path | None:
+    """The state directory of ``init`` (created, 0700) or ``budget``; fills in ``args.ledger`` from it."""
+    from edge_sdk.device.state_dir import LEDGER_FILE, StateDirError
+
+    creating = args.device_command == "init"
+    if args.state_dir is None:
+        if args.ledger is None:
+            raise StateDirError("give --state-dir DIR (the agent's identity and ledger) or --ledger PATH")
+        if creating and args.device_id is not None:
+            raise StateDirError("--device-id goes with --state-dir")
+        return None
+    directory = Path(args.state_dir)
+    if creating and not directory.exists():
+        if not directory.parent.is_dir():
+            raise StateDirError(f"--state-dir {args.state_dir}: directory {directory.parent} does not exist")
+        directory.mkdir(mode=0o700)
+    if not directory.is_dir():
+        raise StateDirError(f"--state-dir {args.state_dir} is not a directory")
+    if args.ledger is None:
+        args.ledger = str(directory / LEDGER_FILE)
+    return directory
 
 
 def _budget(args: argparse.Namespace) -> int:
     from edge_sdk.privacy import DeviceLedger, LedgerError
 
+    _state_dir(args)
     path = _ledger_file(args.ledger, must_exist=True)
     try:
         spend = DeviceLedger.snapshot(path).spent()
