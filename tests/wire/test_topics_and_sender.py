@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from edge_sdk.wire import Envelope, MessageKind, SenderMismatchError, WireFormatError
 from edge_sdk.wire.sender_check import check_sender
@@ -99,3 +101,14 @@ def test_matching_topic_header_and_body_pass():
 def test_any_mismatch_is_refused_before_a_handler_runs(topic, body, match):
     with pytest.raises(SenderMismatchError, match=match):
         check_sender(parse_topic(topic), ENV, body)
+
+
+@given(st.text(max_size=80))
+@settings(max_examples=400, deadline=None)
+def test_random_topics_raise_only_wire_format_error_and_accepted_ones_are_canonical(tail):
+    for topic in (tail, "fleetlearn/v1/" + tail, "fleetlearn/v1/f1/up/" + tail):
+        try:
+            parsed = parse_topic(topic)
+        except WireFormatError:
+            continue
+        assert str(parsed) == topic
