@@ -36,6 +36,11 @@ class LoopConnection(Protocol):
 
     def has_buffered_input(self) -> bool: ...
 
+    @property
+    def may_buffer_input(self) -> bool:
+        """True for TLS connections, whose decrypted bytes can wait in the SSL object unseen by select."""
+        ...
+
 
 class MqttLoop:
     """Drives any number of connections from one thread; call ``run`` or a transport's ``poll``."""
@@ -44,6 +49,7 @@ class MqttLoop:
         self._selector = selectors.DefaultSelector()
         self._clock = clock
         self._connections: dict[int, LoopConnection] = {}
+        self._buffering: dict[int, LoopConnection] = {}  # TLS connections: checked for pending input every pass
         self._reconnects: list[tuple[float, int, LoopConnection]] = []  # heap of (due, tiebreak, connection)
         self._tiebreak = itertools.count()
         self._next_misc = clock()
@@ -53,9 +59,12 @@ class MqttLoop:
 
     def attach(self, connection: LoopConnection) -> None:
         self._connections[id(connection)] = connection
+        if connection.may_buffer_input:
+            self._buffering[id(connection)] = connection
 
     def detach(self, connection: LoopConnection) -> None:
         self._connections.pop(id(connection), None)
+        self._buffering.pop(id(connection), None)
         self._reconnects = [item for item in self._reconnects if item[2] is not connection]
         heapq.heapify(self._reconnects)
 
@@ -92,7 +101,7 @@ class MqttLoop:
         if self._reconnects:
             wait = min(wait, max(0.0, self._reconnects[0][0] - now))
         wait = min(wait, max(0.0, self._next_misc - now))
-        if any(c.has_buffered_input() for c in self._connections.values()):
+        if any(c.has_buffered_input() for c in self._buffering.values()):
             wait = 0.0  # TLS records already decrypted into the SSL object: select would not see them
         events = self._selector.select(wait) if self._selector.get_map() else self._sleep(wait)
         for key, mask in events:
@@ -101,7 +110,7 @@ class MqttLoop:
                 connection.handle_readable()
             if mask & selectors.EVENT_WRITE:
                 connection.handle_writable()
-        for connection in list(self._connections.values()):
+        for connection in list(self._buffering.values()):
             if connection.has_buffered_input():
                 connection.handle_readable()
         now = self._clock()

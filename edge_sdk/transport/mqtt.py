@@ -381,6 +381,10 @@ class MqttTransport:
         if not self._closing and not self._connected:
             self._try_connect()
 
+    @property
+    def may_buffer_input(self) -> bool:
+        return self._address.tls
+
     def has_buffered_input(self) -> bool:
         sock = self._client.socket()
         return isinstance(sock, ssl.SSLSocket) and sock.pending() > 0

@@ -17,7 +17,6 @@ pure ``edge_sdk.transport.retransmission``.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import secrets
 import time
@@ -30,7 +29,7 @@ from edge_sdk.secagg.keys import IdentityKey
 from edge_sdk.transport.base import Transport
 from edge_sdk.transport.receipt import Receipt, decode_receipt, sign_receipt, verify_receipt
 from edge_sdk.transport.retransmission import RetransmitPolicy, RetransmitState, acknowledge, due, track
-from edge_sdk.wire.chunking import Reassembler, split
+from edge_sdk.wire.chunking import Reassembler, parse_chunk, split
 from edge_sdk.wire.envelope import NO_SESSION, WIRE_VERSION, Envelope, MessageKind, decode_envelope, encode_envelope
 from edge_sdk.wire.errors import WireFormatError
 from edge_sdk.wire.limits import DEFAULT_MAX_PAYLOAD_BYTES, WireLimits
@@ -120,8 +119,9 @@ class ReliableChannel:
             self.transport.publish(topic, chunk)
         self.counters["sent"] += 1
         self.counters["chunks_sent"] += len(chunks)
+        digest = parse_chunk(chunks[0], self.limits).digest  # split already hashed the envelope: not twice
         self._schedule = track(self._schedule, self.policy, sequence=sequence, to=to, topic=topic,
-                               digest=hashlib.sha256(data).digest(), chunks=chunks, now=self._clock(),
+                               digest=digest, chunks=chunks, now=self._clock(),
                                deadline=deadline)
         return sequence
 
@@ -174,6 +174,8 @@ class ReliableChannel:
             data = self._reassembler.add(origin, payload, now=self._clock())
             if data is None:
                 return None
+            # the chunk that completed the message names its digest, which the reassembler just checked
+            digest = parse_chunk(payload, self.limits).digest
             envelope = decode_envelope(data, self.limits)
         except WireFormatError as exc:
             self.counters["rejected"] += 1
@@ -187,7 +189,6 @@ class ReliableChannel:
         if envelope.kind == MessageKind.RECEIPT:
             self._take_receipt(envelope)
             return None
-        digest = hashlib.sha256(data).digest()
         seen = self._seen.setdefault(origin, OrderedDict())
         key = (envelope.session, envelope.kind, envelope.sequence)
         previous = seen.get(key)
