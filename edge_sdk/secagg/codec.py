@@ -5,7 +5,8 @@ Why hand-rolled struct packing: signatures and associated data need one determin
 allocates. Layout: a one-byte type tag, the fields in declaration order (big-endian integers,
 u16-length-prefixed ids, u32-count-prefixed sequences, uint32 vectors as little-endian words),
 then the signature (u8 length: 0 or 64). The signed payload is a domain string, the tag and the
-body without the signature. The versioned wire envelope (``edge_sdk.wire``) carries these bytes, bit-packing masked vectors.
+body without the signature. The versioned wire envelope (``edge_sdk.wire``) carries these bytes
+and bit-packs masked vectors.
 """
 
 from __future__ import annotations
