@@ -32,14 +32,30 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+def wait_listening(process: subprocess.Popen, port: int, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        assert process.poll() is None, process.stderr.read().decode()
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+            return
+        except OSError:
+            assert time.monotonic() < deadline, "mosquitto did not start"
+            time.sleep(0.02)
+
+
 class Client:
     """One real paho connection as ``user``, collecting what it receives."""
 
-    def __init__(self, port: int, user: str, password: str) -> None:
+    def __init__(self, port: int, user: str | None, password: str | None,
+                 tls: tuple[str, str, str] | None = None) -> None:
         self.received: queue.Queue[tuple[str, bytes]] = queue.Queue()
         self.connected: queue.Queue[object] = queue.Queue()
-        self.client = paho.Client(CallbackAPIVersion.VERSION2, client_id=user)
-        self.client.username_pw_set(user, password)
+        self.client = paho.Client(CallbackAPIVersion.VERSION2, client_id=user or f"tls-{id(self)}")
+        if user is not None:
+            self.client.username_pw_set(user, password)
+        if tls is not None:
+            self.client.tls_set(ca_certs=tls[0], certfile=tls[1], keyfile=tls[2])
         self.client.on_message = lambda c, u, m: self.received.put((m.topic, m.payload))
         self.client.on_connect = lambda c, u, f, reason, p: self.connected.put(reason)
         self.client.connect("127.0.0.1", port)
@@ -83,15 +99,7 @@ def broker(tmp_path):
                  "--port", str(port), "--bind", "127.0.0.1", "--run-as", "root"])
     assert code == 0
     process = subprocess.Popen([str(MOSQUITTO), "-c", str(out / "mosquitto.conf")], stderr=subprocess.PIPE)
-    deadline = time.monotonic() + 10
-    while True:
-        assert process.poll() is None, process.stderr.read().decode()
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
-            break
-        except OSError:
-            assert time.monotonic() < deadline, "mosquitto did not start"
-            time.sleep(0.02)
+    wait_listening(process, port)
     clients: list[Client] = []
 
     def connect(user: str, password: str | None = None) -> Client:
