@@ -17,6 +17,7 @@ from google.protobuf.message import DecodeError
 from onnx import TensorProto, numpy_helper
 
 from aggregator.compiler.canonical_form import fold_linear_layers
+from aggregator.compiler.conv_lowering import lower_small_convolutions
 from aggregator.compiler.errors import CompileError
 from aggregator.compiler.export_rewrites import rewrite_export
 
@@ -195,6 +196,7 @@ def prepare_model(
     constants: dict[str, np.ndarray] = {}
     float_inits = {t.name: numpy_helper.to_array(t) for t in graph.initializer if t.data_type == target}
     fold_linear_layers(graph, float_inits, shapes, protected={output_name})
+    lower_small_convolutions(graph, float_inits, shapes, elem_types, _name_source(graph), target)
     for init in graph.initializer:
         array = numpy_helper.to_array(init)
         shapes[init.name] = tuple(array.shape)
@@ -206,6 +208,25 @@ def prepare_model(
                 if attr.name == "value":
                     constants[node.output[0]] = numpy_helper.to_array(attr.t)
     return PreparedModel(proto, opset, output_name, params, constants, shapes, elem_types, source)
+
+
+def _name_source(graph: onnx.GraphProto):
+    """A function handing out value names unused in ``graph`` (nor reserved by the bundle)."""
+    taken = {t.name for t in graph.initializer} | {v.name for v in graph.input} | set(RESERVED_NAMES)
+    for node in graph.node:
+        taken.update(node.input)
+        taken.update(node.output)
+        taken.add(node.name)
+    counter = iter(range(1, 1 << 62))
+
+    def fresh(hint: str) -> str:
+        while True:
+            name = f"{hint}__{next(counter)}"
+            if name not in taken:
+                taken.add(name)
+                return name
+
+    return fresh
 
 
 RESERVED_NAMES = ("x", "y", "lr", "step", "loss", "output")
