@@ -5,10 +5,17 @@ values. Binding the outputs to a spare, preallocated set and then making that se
 nothing per step (no copies, no allocations, no re-binding): one IOBinding per (current -> next)
 pair is built once, and a step only rebinds x and y when the caller passes a different buffer.
 
-Why three sets rather than two: a step is committed only when its loss is finite. When a step's
-loss is NaN/inf because the *previous* update overflowed, the current set already holds inf; the
-set before it is still intact (the failing step wrote into the third), so the device can roll back
-to the last finite parameters without ever copying on the happy path.
+Why three parameter sets: a step is committed only when its loss is finite. When a step's loss is
+NaN/inf because the *previous* update overflowed, the current set already holds inf; the set before
+it is still intact (the failing step wrote into the third), so the device can roll back to the last
+finite parameters without ever copying on the happy path.
+
+Why only two optimiser-state sets: Adam's m and v are twice the parameters' size, so a third copy
+of them is most of a large model's memory (resnet18: 90 MB of 540). Two are what a NaN batch needs
+(the failing step wrote into the spare set; the current one is untouched). An overflow rollback
+cannot restore the moments of the step before the overflow, so it resets them (see
+``_handle_non_finite``), which restarts Adam's bias correction like ``reset_optimizer_state``.
+onnxruntime may read an input while it writes any output, so no set is ever both read and written.
 """
 
 from __future__ import annotations
@@ -26,7 +33,8 @@ from edge_sdk.training.session import ModelSession
 
 log = logging.getLogger(__name__)
 
-RING_SIZE = 3
+RING_SIZE = 3  # parameter and running-statistic sets
+STATE_RING_SIZE = 2  # optimiser-state sets
 
 
 class ParameterError(BundleError, ValueError):
@@ -77,7 +85,7 @@ class TrainingState:
         self._param_specs = manifest.trainable
         self._state_specs = manifest.state
         self._buffer_specs = manifest.buffers
-        self._x_name, self._y_name, lr_name, step_name = manifest.train_step_inputs
+        self._x_name, self._y_name = manifest.train_step_inputs[:2]
         self._x_dtype = np.dtype(manifest.x.dtype)
         self._y_dtype = np.dtype(manifest.y.dtype)
         param_dtype = np.dtype(self._param_specs[0].dtype) if self._param_specs else np.dtype(np.float32)
@@ -92,55 +100,59 @@ class TrainingState:
             {p.name: np.zeros(p.shape, dtype=p.dtype) for p in self._param_specs} for _ in range(RING_SIZE)
         ]
         self._opt: list[dict[str, np.ndarray]] = [
-            {s.name: np.zeros(s.shape, dtype=s.dtype) for s in self._state_specs} for _ in range(RING_SIZE)
+            {s.name: np.zeros(s.shape, dtype=s.dtype) for s in self._state_specs} for _ in range(STATE_RING_SIZE)
         ]
         self._stats: list[dict[str, np.ndarray]] = [
             {b.name: np.zeros(b.shape, dtype=b.dtype) for b in self._buffer_specs} for _ in range(RING_SIZE)
         ]
         self._stat_values = [{n: ort.OrtValue.ortvalue_from_numpy(a) for n, a in st.items()} for st in self._stats]
         # OrtValues view the numpy buffers (CPU, zero-copy); keep them alive as long as the bindings.
-        self._values = [
-            (
-                {n: ort.OrtValue.ortvalue_from_numpy(a) for n, a in self._params[i].items()},
-                {n: ort.OrtValue.ortvalue_from_numpy(a) for n, a in self._opt[i].items()},
-            )
-            for i in range(RING_SIZE)
-        ]
-        lr_value = ort.OrtValue.ortvalue_from_numpy(self._lr)
-        step_value = ort.OrtValue.ortvalue_from_numpy(self._step_no)
+        self._param_values = [{n: ort.OrtValue.ortvalue_from_numpy(a) for n, a in st.items()} for st in self._params]
+        self._opt_values = [{n: ort.OrtValue.ortvalue_from_numpy(a) for n, a in st.items()} for st in self._opt]
+        self._lr_value = ort.OrtValue.ortvalue_from_numpy(self._lr)
+        self._step_value = ort.OrtValue.ortvalue_from_numpy(self._step_no)
         self._loss_value = ort.OrtValue.ortvalue_from_numpy(self._loss)
-        self._bindings = []
-        for i in range(RING_SIZE):
-            src_params, src_opt = self._values[i]
-            dst_params, dst_opt = self._values[(i + 1) % RING_SIZE]
-            binding = session.train_step.io_binding()
-            binding.bind_ortvalue_input(lr_name, lr_value)
-            binding.bind_ortvalue_input(step_name, step_value)
-            for p in self._param_specs:
-                binding.bind_ortvalue_input(p.input, src_params[p.name])
-                binding.bind_ortvalue_output(p.output, dst_params[p.name])
-            for s in self._state_specs:
-                binding.bind_ortvalue_input(s.input, src_opt[s.name])
-                binding.bind_ortvalue_output(s.output, dst_opt[s.name])
-            for b in self._buffer_specs:
-                binding.bind_ortvalue_input(b.input, self._stat_values[i][b.name])
-                binding.bind_ortvalue_output(b.output, self._stat_values[(i + 1) % RING_SIZE][b.name])
-            binding.bind_ortvalue_output(manifest.loss_output, self._loss_value)
-            self._bindings.append(binding)
+        # One IOBinding per (parameter set, state set) pair, built on first use; keyed like ``_current``.
+        self._bindings: dict[tuple[int, int], ort.IOBinding] = {}
         # What each binding currently has bound as x and y: (data pointer, shape), to skip re-binding.
-        self._bound_xy: list[tuple[tuple[int, tuple[int, ...]], tuple[int, tuple[int, ...]]] | None] = [
-            None
-        ] * RING_SIZE
+        self._bound_xy: dict[tuple[int, int], tuple[tuple[int, tuple[int, ...]], tuple[int, tuple[int, ...]]]] = {}
         # Arrays bound by pointer must outlive the binding's next run.
-        self._xy_refs: list[tuple[np.ndarray, np.ndarray] | None] = [None] * RING_SIZE
+        self._xy_refs: dict[tuple[int, int], tuple[np.ndarray, np.ndarray]] = {}
 
-        self._current = 0
+        self._current = 0  # parameter (and running-statistic) set
+        self._current_opt = 0  # optimiser-state set
         self._steps = 0
         self._previous_valid = False  # whether the set before ``_current`` holds committed values
         initial = session.bundle.initial_params
         for b in self._buffer_specs:
             np.copyto(self._stats[0][b.name], initial[b.name])
         self.set_params(params if params is not None else initial)
+
+    def _binding(self, key: tuple[int, int]) -> ort.IOBinding:
+        """The binding that reads sets ``key`` = (parameters, state) and writes the next ones."""
+        binding = self._bindings.get(key)
+        if binding is not None:
+            return binding
+        manifest = self.session.manifest
+        _, _, lr_name, step_name = manifest.train_step_inputs
+        i, j = key
+        src_params, dst_params = self._param_values[i], self._param_values[(i + 1) % RING_SIZE]
+        src_opt, dst_opt = self._opt_values[j], self._opt_values[(j + 1) % STATE_RING_SIZE]
+        binding = self.session.train_step.io_binding()
+        binding.bind_ortvalue_input(lr_name, self._lr_value)
+        binding.bind_ortvalue_input(step_name, self._step_value)
+        for p in self._param_specs:
+            binding.bind_ortvalue_input(p.input, src_params[p.name])
+            binding.bind_ortvalue_output(p.output, dst_params[p.name])
+        for s in self._state_specs:
+            binding.bind_ortvalue_input(s.input, src_opt[s.name])
+            binding.bind_ortvalue_output(s.output, dst_opt[s.name])
+        for b in self._buffer_specs:
+            binding.bind_ortvalue_input(b.input, self._stat_values[i][b.name])
+            binding.bind_ortvalue_output(b.output, self._stat_values[(i + 1) % RING_SIZE][b.name])
+        binding.bind_ortvalue_output(manifest.loss_output, self._loss_value)
+        self._bindings[key] = binding
+        return binding
 
     # ----------------------------------------------------------------- parameters
 
@@ -205,27 +217,28 @@ class TrainingState:
 
         Values are torch.optim's (e.g. ``exp_avg_sq``), whatever scale the graph stores them at.
         """
-        current = self._opt[self._current]
+        current = self._opt[self._current_opt]
         return {s.name: current[s.name] / current[s.name].dtype.type(s.scale) for s in self._state_specs}
 
     def reset_optimizer_state(self) -> None:
         """Zero the optimiser state and restart the step count (Adam's bias correction restarts too)."""
-        for array in self._opt[self._current].values():
+        for array in self._opt[self._current_opt].values():
             array.fill(0)
         self._steps = 0
         self._previous_valid = False
 
     # ----------------------------------------------------------------- training
 
-    def _bind_xy(self, binding_index: int, x: np.ndarray, y: np.ndarray) -> None:
+    def _bind_xy(self, binding_index: tuple[int, int], x: np.ndarray, y: np.ndarray) -> ort.IOBinding:
+        binding = self._binding(binding_index)
         key = ((x.ctypes.data, x.shape), (y.ctypes.data, y.shape))
-        if self._bound_xy[binding_index] == key:
-            return
-        binding = self._bindings[binding_index]
+        if self._bound_xy.get(binding_index) == key:
+            return binding
         binding.bind_input(self._x_name, "cpu", 0, x.dtype.type, list(x.shape), x.ctypes.data)
         binding.bind_input(self._y_name, "cpu", 0, y.dtype.type, list(y.shape), y.ctypes.data)
         self._bound_xy[binding_index] = key
         self._xy_refs[binding_index] = (x, y)
+        return binding
 
     def train_step(self, x: np.ndarray, y: np.ndarray, lr: float) -> float:
         """Run one optimiser step on a batch and commit it; returns the batch's mean loss.
@@ -241,15 +254,15 @@ class TrainingState:
             )
         if not (x.flags.c_contiguous and y.flags.c_contiguous):
             x, y = np.ascontiguousarray(x), np.ascontiguousarray(y)
-        index = self._current
-        self._bind_xy(index, x, y)
+        binding = self._bind_xy((self._current, self._current_opt), x, y)
         self._lr[()] = lr
         self._step_no[()] = self._steps + 1
-        self.session.train_step.run_with_iobinding(self._bindings[index])
+        self.session.train_step.run_with_iobinding(binding)
         loss = float(self._loss[()])
         if not math.isfinite(loss):
             self._handle_non_finite(loss)
-        self._current = (index + 1) % RING_SIZE
+        self._current = (self._current + 1) % RING_SIZE
+        self._current_opt = (self._current_opt + 1) % STATE_RING_SIZE
         self._steps += 1
         self._previous_valid = True
         return loss
@@ -265,8 +278,11 @@ class TrainingState:
                 self._steps -= 1
                 self._previous_valid = False
                 rolled_back = True
+                if self._state_specs:  # the two state sets hold the overflowed step's moments and this one's
+                    self.reset_optimizer_state()
         where = (
             f"parameters rolled back to before step {failing_step - 1}, whose update overflowed"
+            + ("; optimiser state reset" if self._state_specs else "")
             if rolled_back
             else f"parameters are left as they were before step {failing_step}"
         )

@@ -250,3 +250,44 @@ def test_states_sharing_one_session_train_concurrently_from_threads(session):
     for alone, together in zip(sequential, concurrent, strict=True):
         for name, value in alone.items():
             np.testing.assert_array_equal(together[name], value)
+
+
+def test_adam_state_in_two_sets_survives_a_nan_batch_exactly(adam64_bundle):
+    """Parameters cycle through three sets and Adam's moments through two, so the (parameter, state) pairs
+    run through all six bindings; a NaN batch in between must change nothing, moments included."""
+    session = ModelSession.open(adam64_bundle)
+    clean, interrupted = TrainingState(session), TrainingState(session)
+    for t in range(8):
+        x, y = batch(8, seed=t, dtype=np.float64)
+        clean.train_step(x, y, lr=0.01)
+        if t in (2, 5):
+            x_bad = x.copy()
+            x_bad[0, 0] = np.nan
+            with pytest.raises(NonFiniteLossError):
+                interrupted.train_step(x_bad, y, lr=0.01)
+        interrupted.train_step(x, y, lr=0.01)
+    assert clean.steps == interrupted.steps == 8
+    for name, value in clean.get_params().items():
+        np.testing.assert_array_equal(interrupted.get_params()[name], value)
+    for name, value in clean.get_optimizer_state().items():
+        np.testing.assert_array_equal(interrupted.get_optimizer_state()[name], value)
+
+
+def test_adam_overflow_rollback_restores_params_and_resets_the_moments(adam64_bundle):
+    """Two state sets cannot hold the moments from before the overflowed step: the rollback zeroes them and
+    restarts the step count, so Adam's bias correction restarts too."""
+    session = ModelSession.open(adam64_bundle)
+    state = TrainingState(session)
+    x, y = batch(8, dtype=np.float64)
+    state.train_step(x, y, lr=0.01)
+    good = state.get_params()
+    state.train_step(x, y, lr=float("inf"))  # a finite loss at good params, non-finite parameters out
+    assert not all(np.isfinite(v).all() for v in state.get_params().values())
+    with pytest.raises(NonFiniteLossError, match="optimiser state reset") as info:
+        state.train_step(x, y, lr=0.01)
+    assert info.value.rolled_back and state.steps == 0
+    for name, value in state.get_params().items():
+        np.testing.assert_array_equal(value, good[name])
+    assert all(not np.any(s) for s in state.get_optimizer_state().values())
+    state.train_step(x, y, lr=0.01)
+    assert state.steps == 1 and all(np.isfinite(v).all() for v in state.get_params().values())
