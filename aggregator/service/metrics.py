@@ -39,6 +39,8 @@ class ServiceMetrics:
         self.enrolled = Gauge("fleetlearn_enrolled_devices", "Active enrolled devices", ["fleet"], registry=r)
         self.model_version = Gauge("fleetlearn_model_version", "The published global model's version", ["fleet"],
                                    registry=r)
+        self.machine = Gauge("fleetlearn_round_value", "The last value of each metric the round machine reports",
+                             ["fleet", "name"], registry=r)
         self.accuracy = Gauge("fleetlearn_eval_accuracy", "Held-out accuracy of the published model", ["fleet"],
                               registry=r)
 
@@ -74,6 +76,10 @@ class ServiceMetrics:
         self.model_version.labels(self.fleet).set(version)
         if accuracy is not None:
             self.accuracy.labels(self.fleet).set(accuracy)
+
+    def machine_metric(self, name: str, value: float, labels: dict[str, str]) -> None:
+        """A ``Metric`` effect of the round machine; its round label is left out (it would grow without end)."""
+        self.machine.labels(self.fleet, name).set(value)
 
     # -- exposition ----------------------------------------------------------------------------
     def render(self) -> bytes:
