@@ -101,10 +101,18 @@ def _devices(args: argparse.Namespace) -> int:
 
 
 def _serve(args: argparse.Namespace) -> int:
+    import importlib.util
+
     from aggregator.service.config import load_config
+    from edge_sdk.errors import FleetlearnError
+
+    config = load_config(args.config)  # a bad config is reported even before the service exists
+    if importlib.util.find_spec("aggregator.service.service") is None:
+        raise FleetlearnError("the service loop (aggregator/service/service.py) is not built yet; the config "
+                              f"{args.config} is valid")
     from aggregator.service.service import serve
 
-    return serve(load_config(args.config))
+    return serve(config)
 
 
 def run(args: argparse.Namespace) -> int:
