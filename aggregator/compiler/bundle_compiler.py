@@ -23,6 +23,7 @@ from aggregator.compiler.export_rewrites import frozen_scalars
 from aggregator.compiler.losses import LOSSES, emit_loss
 from aggregator.compiler.model_input import FLOAT_TYPES, INPUT_NAME, PreparedModel, prepare_model
 from aggregator.compiler.optimizers import STATE_KINDS, UpdateEmitter, resolve_hyperparameters, state_scales
+from aggregator.compiler.shared_weights import FROZEN_FILE, externalize_large_initializers
 from edge_sdk.training.bundle import (
     FORMAT_VERSION,
     Manifest,
@@ -72,8 +73,8 @@ def compile_model(
     """Compile ``model`` into a training bundle in ``out_dir`` and return its manifest.
 
     ``trainable`` lists parameter names or name prefixes to train (None: all); the others are
-    frozen into both graphs as constants. ``optimizer_params`` overrides the defaults in
-    ``aggregator.compiler.optimizers.DEFAULTS`` (momentum, beta1, beta2, eps, weight_decay).
+    constants of both graphs, stored once in the bundle (``shared_weights``). ``optimizer_params``
+    overrides the defaults in ``aggregator.compiler.optimizers.DEFAULTS`` (momentum, beta1, beta2, eps, weight_decay).
     ``output`` names the model output to train when it has several (default: its only float output).
     ``federate_running_stats`` makes training-mode BatchNormalization's running statistics part of
     the device's federated update by default (see ``BufferSpec``; off: FedBN-style local statistics).
@@ -82,12 +83,14 @@ def compile_model(
         model, loss=loss, optimizer=optimizer, optimizer_params=optimizer_params, trainable=trainable, dtype=dtype,
         output=output, federate_running_stats=federate_running_stats,
     )
+    frozen = externalize_large_initializers([compiled.train_step, compiled.eval])
     return write_bundle(
         Path(out_dir),
         compiled.manifest,
         compiled.train_step.SerializeToString(),
         compiled.eval.SerializeToString(),
         {**compiled.initial_params, **compiled.initial_buffers},
+        extra_files={FROZEN_FILE: frozen} if frozen else None,
     )
 
 

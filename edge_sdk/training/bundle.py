@@ -6,10 +6,12 @@ A bundle is a directory::
     train_step.onnx      x, y, lr, step, trainable params, optimiser state -> loss, new params, new state
     eval.onnx            x, y, trainable params -> loss, output
     initial_params.npz   the trainable parameters, keyed by ONNX initializer name
+    frozen_params.bin    (optional) the graphs' large constants as ONNX external data, shared by both
 
 The compiler (``aggregator.compiler``) writes it with ``write_bundle``; the device loads it with
 ``load_bundle``, which refuses a bundle whose files do not match their hashes. Frozen parameters
-are baked into both graphs as constants; only trainable parameters travel as inputs.
+are constants of both graphs, stored once (external data in a file both reference, hashed like the
+others); only trainable parameters travel as inputs.
 
 Naming inside the graphs is not a convention the runtime guesses at: every input and output name
 is listed in the manifest.
@@ -297,17 +299,22 @@ def write_bundle(
     train_step_bytes: bytes,
     eval_bytes: bytes,
     initial_params: dict[str, np.ndarray],
+    extra_files: dict[str, bytes] | None = None,
 ) -> Manifest:
     """Write the bundle files, fill in their hashes, and write the manifest last.
 
-    Returns the manifest with ``files`` filled in.
+    ``extra_files`` (name -> content) are written beside the graphs and hashed with them, e.g. the
+    external data both graphs reference. Returns the manifest with ``files`` filled in.
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    for name, content in (extra_files or {}).items():
+        (out_dir / name).write_bytes(content)
     (out_dir / TRAIN_STEP_FILE).write_bytes(train_step_bytes)
     (out_dir / EVAL_FILE).write_bytes(eval_bytes)
     save_params_npz(out_dir / PARAMS_FILE, initial_params)
-    files = {name: sha256_file(out_dir / name) for name in (TRAIN_STEP_FILE, EVAL_FILE, PARAMS_FILE)}
+    names = (TRAIN_STEP_FILE, EVAL_FILE, PARAMS_FILE, *(extra_files or {}))
+    files = {name: sha256_file(out_dir / name) for name in names}
     manifest = Manifest(**{**asdict_shallow(manifest), "files": files})
     (out_dir / MANIFEST_FILE).write_text(manifest.to_json())
     return manifest
