@@ -94,8 +94,8 @@ def build_small_fleet(tmp_path, n: int = 6, budget: float = 1e9) -> SmallFleet:
                              CohortPolicy(min_size=3, max_size=n, over_selection=0.0))
     host_handlers = {AccountRound: lambda e: accounted.append(e) or "accounted", PersistRound: lambda e: None,
                      PersistModel: lambda e: None, Metric: lambda e: None}
-    devices = {d: (DeviceConfig(FLEET, d, identities[d], aggregator_key.public, enrolled, layout, colluding_fraction=0.0),
-                   device_handlers(d)) for d in ids}
+    devices = {d: (DeviceConfig(FLEET, d, identities[d], aggregator_key.public, enrolled, layout,
+                                colluding_fraction=0.0), device_handlers(d)) for d in ids}
     padded = EncodingParams(layout.dim, 1.0, 1.0, 24, bytes(16)).padded_dim
     fleet = MemoryFleet(host_config, host_handlers, devices, limits_for(padded, 24, n, 4 * layout.dim))
     return SmallFleet(fleet, host_config, aggregator_key, identities, ledgers, steps, layout, accounted)

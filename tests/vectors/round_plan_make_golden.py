@@ -51,7 +51,8 @@ def minimal_plan() -> RoundPlan:
 def vectors() -> dict[str, str]:
     plan = sample_plan()
     ready = Ready("golden", "dev-a", 7, plan.digest).sign(DEVICE_KEY)
-    decline = Decline("golden", "dev-b", 7, plan.digest, DeclineReason.BUDGET, "epsilon 9.5 -> 10.2 > 10").sign(DEVICE_KEY)
+    decline = Decline("golden", "dev-b", 7, plan.digest, DeclineReason.BUDGET,
+                      "epsilon 9.5 -> 10.2 > 10").sign(DEVICE_KEY)
     model = ModelRelease.of("golden", 6, PARAMETERS).sign(AGGREGATOR_KEY)
     return {"plan": plan.to_bytes().hex(), "plan_minimal": minimal_plan().to_bytes().hex(),
             "ready": ready.to_bytes().hex(), "decline": decline.to_bytes().hex(), "model": model.to_bytes().hex()}
