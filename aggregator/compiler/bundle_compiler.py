@@ -181,19 +181,26 @@ def compile_graphs(
             p, grads[p],
             {k: state_names[(p, k)] for k in kinds}, param_out[p], {k: state_out[(p, k)] for k in kinds},
         )
+    flat = updater.flattened
     forward_train = running.lower_for_training(_rewrite_forward_for_training(forward, em), em, shapes)
+    forward_train = _unflatten(em, flat, prep.params) + forward_train
+
+    def carried(p: str) -> tuple[str, tuple]:
+        """A trainable parameter's graph input and the shape both graphs carry it in."""
+        return flat[p] if p in flat else (p, prep.params[p].shape)
+
     train_inputs = [
         _value(INPUT_NAME, _onnx_type(x_dtype), x_shape),
         _value(LABELS_NAME, _onnx_type(y_spec.dtype), y_spec.shape),
         _value("lr", onnx_dtype, ()),
         _value("step", TensorProto.INT64, ()),
     ]
-    train_inputs += [_value(p, onnx_dtype, prep.params[p].shape) for p in train_names]
+    train_inputs += [_value(*carried(p)[:1], onnx_dtype, carried(p)[1]) for p in train_names]
     train_inputs += [_value(state_names[k], onnx_dtype, prep.params[k[0]].shape) for k in state_names]
     buffer_inputs = [_value(b.input, onnx_dtype, b.shape) for b in running.specs]
     train_inputs += buffer_inputs
     train_outputs = [_value(LOSS_NAME, onnx_dtype, ())]
-    train_outputs += [_value(param_out[p], onnx_dtype, prep.params[p].shape) for p in train_names]
+    train_outputs += [_value(param_out[p], onnx_dtype, carried(p)[1]) for p in train_names]
     train_outputs += [_value(state_out[k], onnx_dtype, prep.params[k[0]].shape) for k in state_names]
     train_outputs += [_value(b.output, onnx_dtype, b.shape) for b in running.specs]
     train_model = _make_model(
@@ -204,11 +211,12 @@ def compile_graphs(
     # --- eval ---------------------------------------------------------------------------------
     em_eval = Emitter(prep.opset, np_dtype, taken)
     emit_loss(em_eval, loss, OUTPUT_NAME, LABELS_NAME, out_shape, with_grad=False, loss_name=LOSS_NAME)
-    eval_inputs = train_inputs[:2] + [_value(p, onnx_dtype, prep.params[p].shape) for p in train_names]
+    eval_inputs = train_inputs[:2] + [_value(*carried(p)[:1], onnx_dtype, carried(p)[1]) for p in train_names]
     eval_inputs += buffer_inputs
     eval_outputs = [_value(LOSS_NAME, onnx_dtype, ()), _value(OUTPUT_NAME, onnx_dtype, out_shape)]
+    eval_forward = _unflatten(em_eval, flat, prep.params) + running.lower_for_eval(forward)
     eval_model = _make_model(
-        prep, "eval", running.lower_for_eval(forward) + em_eval.nodes, eval_inputs, eval_outputs,
+        prep, "eval", eval_forward + em_eval.nodes, eval_inputs, eval_outputs,
         _base_initializers(prep, frozen) + em_eval.initializers,
     )
 
@@ -221,7 +229,8 @@ def compile_graphs(
     parameters = tuple(
         ParameterSpec(
             name=n, shape=tuple(int(d) for d in a.shape), dtype=dtype, trainable=n in param_out,
-            input=n if n in param_out else None, output=param_out.get(n),
+            input=carried(n)[0] if n in param_out else None, output=param_out.get(n),
+            graph_shape=flat[n][1] if n in flat else None,
         )
         for n, a in prep.params.items() if n not in running.names
     )
@@ -298,6 +307,17 @@ def _forward_nodes(prep: PreparedModel) -> list[onnx.NodeProto]:
 def _rewrite_forward_for_training(forward: list[onnx.NodeProto], em: Emitter) -> list[onnx.NodeProto]:
     """Forward nodes as the train step needs them (rules may have asked for extra outputs)."""
     return [em.forward_rewrites.get(node.output[0], node) for node in forward]
+
+
+def _unflatten(em: Emitter, flat: dict[str, tuple[str, tuple[int, int]]],
+               params: dict[str, np.ndarray]) -> list[onnx.NodeProto]:
+    """``p = Reshape(p__2d)`` for each parameter the graphs carry flattened, so the forward and
+    backward passes read it in its own shape; onnxruntime's Reshape of a graph input is a view."""
+    nodes = []
+    for p, (graph_input, _) in flat.items():
+        nodes.append(helper.make_node("Reshape", [graph_input, em.ints(params[p].shape)], [p],
+                                      name=em.fresh(f"unflatten_{p}")))
+    return nodes
 
 
 def _base_initializers(prep: PreparedModel, frozen: dict[str, np.ndarray]) -> list[onnx.TensorProto]:

@@ -37,6 +37,10 @@ class Emitter:
         # keyed by the node's first output name.
         self.forward_rewrites: dict[str, onnx.NodeProto] = {}
         self._producers: dict[str, onnx.NodeProto] = {}
+        # Static 2-D shapes of emitted Gemm outputs, recorded by the rules that know them: the optimiser
+        # fuses an update into a Gemm behind a Reshape (a conv weight's gradient) by reshaping the
+        # weight to this shape, which it cannot read off the graph under construction.
+        self.gemm_shapes: dict[str, tuple[int, int]] = {}
 
     def fresh(self, hint: str) -> str:
         """A value name not used anywhere else in the graph."""
@@ -69,6 +73,23 @@ class Emitter:
     def producer(self, name: str) -> onnx.NodeProto | None:
         """The emitted node that outputs ``name`` (None for forward values, inputs and constants)."""
         return self._producers.get(name)
+
+    def consumers(self, name: str) -> int:
+        """How many emitted nodes read ``name``."""
+        return sum(name in n.input for n in self.nodes)
+
+    def rename_output(self, node: onnx.NodeProto, new: str) -> None:
+        """Make ``node`` write its first output to ``new`` (the old name must have no readers)."""
+        self._producers.pop(node.output[0], None)
+        self._taken.add(new)
+        node.output[0] = new
+        self._producers[new] = node
+
+    def remove(self, node: onnx.NodeProto) -> None:
+        """Drop an emitted node whose outputs nothing reads."""
+        self.nodes = [n for n in self.nodes if n is not node]
+        for name in node.output:
+            self._producers.pop(name, None)
 
     def insert_before(self, anchor: onnx.NodeProto, op: str, inputs: Sequence[str], hint: str, **attrs) -> str:
         """Emit a node placed just before ``anchor``, keeping the node list topologically sorted."""

@@ -109,6 +109,13 @@ def log_softmax_grad(ctx: GradContext, node, grads):
     return [ctx.em.sub(g, ctx.em.mul(ctx.em.node("Exp", [y]), total))]
 
 
+def _record_gemm_shape(ctx: GradContext, grad: str | None, like: str) -> None:
+    """Note the static 2-D shape of a Gemm-made gradient (a weight's), for the optimiser's fusion."""
+    shape = ctx.shapes.get(like)
+    if grad is not None and shape is not None and len(shape) == 2 and all(d is not None for d in shape):
+        ctx.em.gemm_shapes[grad] = (int(shape[0]), int(shape[1]))
+
+
 @rule("Gemm")
 def gemm_grad(ctx: GradContext, node, grads):
     """Y = alpha * A' B' + beta * C with A' = A or A^T, B' = B or B^T; uses Gemm's trans flags, never Transpose."""
@@ -130,6 +137,8 @@ def gemm_grad(ctx: GradContext, node, grads):
             gb = em.node("Gemm", [a, g], alpha=alpha, transA=0 if ta else 1)
         else:  # dB = dY^T A'
             gb = em.node("Gemm", [g, a], alpha=alpha, transA=1, transB=ta)
+    for grad, operand in ((ga, a), (gb, b)):
+        _record_gemm_shape(ctx, grad, operand)
     if c and ctx.needs(c):
         gc = ctx.unbroadcast(g, node, node.output[0], c)
         if beta != 1.0:
@@ -160,6 +169,7 @@ def matmul_grad(ctx: GradContext, node, grads):
             else:
                 k, n = sb
                 gb = em.node("Gemm", [em.reshape(a, [-1, k]), em.reshape(g, [-1, n])], transA=1)
+            _record_gemm_shape(ctx, gb, b)
         return [ga, gb]
     out = node.output[0]
     so = ctx.shape(node, out)

@@ -88,7 +88,9 @@ def _conv_weight_grad_im2col(ctx, x, g, x_shape, y_shape, w_shape, geo):
     cols = em.node("Concat", patches, axis=1) if len(patches) > 1 else patches[0]  # [C, K, N, *O]
     cols = em.reshape(cols, [channels * taps, -1])
     g_t = em.reshape(_swap01(ctx, g, y_shape), [m_out, -1])  # [M, N*O]
-    return em.reshape(em.node("Gemm", [g_t, cols], transB=1, hint="d_conv_w"), list(w_shape))
+    d_w = em.node("Gemm", [g_t, cols], transB=1, hint="d_conv_w")
+    em.gemm_shapes[d_w] = (m_out, channels * taps)
+    return em.reshape(d_w, list(w_shape))
 
 
 def _conv_weight_grad_transposed(ctx, x, g, x_shape, y_shape, w_shape, geo, group):

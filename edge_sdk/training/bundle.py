@@ -69,7 +69,10 @@ class ParameterSpec:
 
     ``input``/``output`` are its names in train_step.onnx (the output is the updated value);
     in eval.onnx the parameter is fed under ``input`` too. Frozen parameters have neither:
-    they are constants inside the graphs.
+    they are constants inside the graphs. ``graph_shape``, when set, is the shape both graphs carry
+    the parameter in (the same elements, row-major): a conv weight as the 2-D [M, C*K] of its
+    weight-gradient Gemm, so the fused SGD update writes the bound output without a Reshape copy.
+    Bind a reshaped view of the ``shape`` buffer (``bound_shape``).
     """
 
     name: str
@@ -78,9 +81,21 @@ class ParameterSpec:
     trainable: bool
     input: str | None = None
     output: str | None = None
+    graph_shape: tuple[int, ...] | None = None
+
+    def __post_init__(self) -> None:
+        if self.graph_shape is not None and math.prod(self.graph_shape) != math.prod(self.shape):
+            raise ValueError(f"parameter {self.name!r}: graph_shape {list(self.graph_shape)} does not hold "
+                             f"the {math.prod(self.shape)} elements of shape {list(self.shape)}")
+
+    @property
+    def bound_shape(self) -> tuple[int, ...]:
+        """The shape the graphs read and write the parameter in."""
+        return self.shape if self.graph_shape is None else self.graph_shape
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> ParameterSpec:
+        graph_shape = d.get("graph_shape")
         return cls(
             name=str(d["name"]),
             shape=tuple(int(s) for s in d["shape"]),
@@ -88,6 +103,7 @@ class ParameterSpec:
             trainable=bool(d["trainable"]),
             input=d.get("input"),
             output=d.get("output"),
+            graph_shape=None if graph_shape is None else tuple(int(s) for s in graph_shape),
         )
 
 

@@ -107,7 +107,10 @@ class TrainingState:
         ]
         self._stat_values = [{n: ort.OrtValue.ortvalue_from_numpy(a) for n, a in st.items()} for st in self._stats]
         # OrtValues view the numpy buffers (CPU, zero-copy); keep them alive as long as the bindings.
-        self._param_values = [{n: ort.OrtValue.ortvalue_from_numpy(a) for n, a in st.items()} for st in self._params]
+        bound = {p.name: p.bound_shape for p in self._param_specs}
+        self._param_values = [
+            {n: ort.OrtValue.ortvalue_from_numpy(a.reshape(bound[n])) for n, a in st.items()} for st in self._params
+        ]
         self._opt_values = [{n: ort.OrtValue.ortvalue_from_numpy(a) for n, a in st.items()} for st in self._opt]
         self._lr_value = ort.OrtValue.ortvalue_from_numpy(self._lr)
         self._step_value = ort.OrtValue.ortvalue_from_numpy(self._step_no)
@@ -302,7 +305,7 @@ class TrainingState:
         feed: dict[str, np.ndarray] = {manifest.x.name: x, manifest.y.name: y}
         current = self._params[self._current]
         for p in self._param_specs:
-            feed[p.input] = current[p.name]
+            feed[p.input] = current[p.name].reshape(p.bound_shape)
         for b in self._buffer_specs:
             feed[b.input] = self._stats[self._current][b.name]
         loss, output = self.session.evaluator.run([manifest.loss_output, manifest.eval_output], feed)

@@ -133,13 +133,20 @@ def zero_state(compiled: CompiledGraphs) -> dict[str, np.ndarray]:
     return {s.input: np.zeros(s.shape, dtype=s.dtype) for s in compiled.manifest.state}
 
 
+def param_feeds(compiled: CompiledGraphs, params) -> dict[str, np.ndarray]:
+    """The trainable parameters under their graph input names, in the shape the graphs carry them."""
+    return {p.input: params[p.name].reshape(p.bound_shape) for p in compiled.manifest.trainable}
+
+
 def train_step(compiled, runner, params, x, y, lr, step=1, state=None) -> dict[str, np.ndarray]:
     m = compiled.manifest
     lr = np.asarray(lr, dtype=m.output.dtype)  # the parameters' dtype (x may hold int64 token ids)
     feeds = {"x": x, "y": y, "lr": lr, "step": np.asarray(step, dtype=np.int64)}
-    feeds.update({p.input: params[p.name] for p in m.trainable})
+    feeds.update(param_feeds(compiled, params))
     feeds.update(state if state is not None else zero_state(compiled))
-    return runner(feeds)
+    out = runner(feeds)
+    # parameters the graph carries flattened (manifest ``graph_shape``) come back in their own shape
+    return {**out, **{p.output: out[p.output].reshape(p.shape) for p in m.trainable if p.output in out}}
 
 
 def sgd_gradients(compiled: CompiledGraphs, params, x, y) -> dict[str, np.ndarray]:
@@ -150,7 +157,7 @@ def sgd_gradients(compiled: CompiledGraphs, params, x, y) -> dict[str, np.ndarra
 
 
 def eval_loss(compiled: CompiledGraphs, runner: GraphRunner, params, x, y) -> float:
-    feeds = {"x": x, "y": y, **{p.input: params[p.name] for p in compiled.manifest.trainable}}
+    feeds = {"x": x, "y": y, **param_feeds(compiled, params)}
     return float(runner(feeds)["loss"])
 
 

@@ -17,6 +17,7 @@ from compiler_harness import (
     compile_for_gradients,
     finite_difference_check,
     make_batch,
+    param_feeds,
     sgd_gradients,
     train_step,
 )
@@ -94,7 +95,7 @@ def test_gradients_match_independent_numpy_reference(compiled64):
     case, compiled, x, y, grads = compiled64
     params = {k: v.astype(np.float64) for k, v in all_initializers(case.build()).items()}
     loss, expected = ref.loss_and_gradients(case.layers(), params, x, y, case.loss)
-    out = GraphRunner(compiled.eval)({"x": x, "y": y, **compiled.initial_params})
+    out = GraphRunner(compiled.eval)({"x": x, "y": y, **param_feeds(compiled, compiled.initial_params)})
     np.testing.assert_allclose(out["loss"], loss, rtol=1e-10)
     assert set(grads) == {p.name for p in compiled.manifest.trainable}
     for name, grad in grads.items():
@@ -123,7 +124,7 @@ def test_eval_output_equals_the_inference_model_output(compiled64):
     x, y = make_batch(compiled, 7, seed=5)
     sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
     expected = sess.run(None, {model.graph.input[0].name: x})[0]
-    out = GraphRunner(compiled.eval)({"x": x, "y": y, **compiled.initial_params})
+    out = GraphRunner(compiled.eval)({"x": x, "y": y, **param_feeds(compiled, compiled.initial_params)})
     np.testing.assert_allclose(out["output"], expected, rtol=1e-5, atol=1e-6)
 
 

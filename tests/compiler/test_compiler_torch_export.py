@@ -9,7 +9,7 @@ import warnings
 import numpy as np
 import onnx
 import pytest
-from compiler_harness import GraphRunner, assert_loads_in_onnxruntime, assert_standard_graph, sgd_gradients
+from compiler_harness import GraphRunner, assert_loads_in_onnxruntime, assert_standard_graph, param_feeds, sgd_gradients
 
 from aggregator.compiler import compile_graphs
 
@@ -67,7 +67,7 @@ def test_torch_export_compiles_and_gradients_match_autograd(make, x_shape, dynam
     assert set(grads) == set(expected)
     for name, grad in grads.items():
         np.testing.assert_allclose(grad, expected[name], rtol=1e-6, atol=1e-9, err_msg=name)
-    out = GraphRunner(compiled.eval)({"x": x, "y": y, **compiled.initial_params})
+    out = GraphRunner(compiled.eval)({"x": x, "y": y, **param_feeds(compiled, compiled.initial_params)})
     np.testing.assert_allclose(out["loss"], loss.item(), rtol=1e-6)
 
 

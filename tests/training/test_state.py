@@ -291,3 +291,55 @@ def test_adam_overflow_rollback_restores_params_and_resets_the_moments(adam64_bu
     assert all(not np.any(s) for s in state.get_optimizer_state().values())
     state.train_step(x, y, lr=0.01)
     assert state.steps == 1 and all(np.isfinite(v).all() for v in state.get_params().values())
+
+
+
+def test_a_bundle_carrying_conv_weights_flattened_trains_and_evaluates_in_their_own_shape(tmp_path):
+    """SGD conv weights live in the graphs as 2-D (manifest ``graph_shape``); the state binds views of
+    its 4-D buffers, so get_params, evaluate_batch and chained steps agree with the graphs run directly."""
+    import onnxruntime as ort
+
+    from aggregator import model_zoo
+    from aggregator.compiler import compile_model
+
+    compile_model(model_zoo.cnn(seed=0), tmp_path / "cnn", loss="cross_entropy", optimizer="sgd")
+    session = ModelSession.open(tmp_path / "cnn")
+    m = session.manifest
+    flat = [p for p in m.trainable if p.graph_shape is not None]
+    assert flat and all(len(p.graph_shape) == 2 and len(p.shape) == 4 for p in flat)
+    state = TrainingState(session)
+    graph = ort.InferenceSession(str(session.bundle.train_step_path), providers=["CPUExecutionProvider"])
+    evaluator = ort.InferenceSession(str(session.bundle.eval_path), providers=["CPUExecutionProvider"])
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((4, 1, 28, 28)).astype(np.float32)
+    y = rng.integers(0, 10, 4).astype(np.int64)
+    params = {p.name: session.bundle.initial_params[p.name].reshape(p.bound_shape) for p in m.trainable}
+    for step in (1, 2):
+        state.train_step(x, y, 0.1)
+        feeds = {"x": x, "y": y, "lr": np.asarray(0.1, np.float32), "step": np.asarray(step, np.int64),
+                 **{p.input: params[p.name] for p in m.trainable}}
+        out = dict(zip([o.name for o in graph.get_outputs()], graph.run(None, feeds), strict=True))
+        params = {p.name: out[p.output] for p in m.trainable}
+    got = state.get_params()
+    for p in m.trainable:
+        assert got[p.name].shape == p.shape
+        np.testing.assert_allclose(got[p.name], params[p.name].reshape(p.shape), rtol=1e-6, atol=1e-7)
+    loss, _ = state.evaluate_batch(x, y)
+    expected, _ = evaluator.run(None, {"x": x, "y": y, **{p.input: params[p.name] for p in m.trainable}})
+    np.testing.assert_allclose(loss, expected, rtol=1e-5)
+
+
+def test_a_graph_shape_that_cannot_hold_the_parameter_is_a_malformed_manifest(mlp_bundle):
+    import dataclasses
+    import json
+
+    from edge_sdk.training.bundle import BundleError, Manifest
+
+    d = json.loads(ModelSession.open(mlp_bundle).manifest.to_json())
+    p = next(p for p in d["parameters"] if p["trainable"])
+    p["graph_shape"] = [p["shape"][0] + 1, -1]
+    with pytest.raises(BundleError, match="graph_shape"):
+        Manifest.from_dict(d)
+    p["graph_shape"] = [1, int(np.prod(p["shape"]))]
+    spec = next(s for s in Manifest.from_dict(d).parameters if s.name == p["name"])
+    assert spec.bound_shape == tuple(p["graph_shape"]) and dataclasses.asdict(spec)["graph_shape"] is not None
