@@ -7,6 +7,7 @@ from __future__ import annotations
 import numpy as np
 import onnx
 import pytest
+from onnx import numpy_helper
 from torch_parity import assert_trains_like_torch
 
 from aggregator.compiler import compile_graphs
@@ -52,16 +53,37 @@ def test_lowered_convolutions_train_like_torch(optimizer, lr):
     assert_trains_like_torch(torch, net, _export(net), x, y, optimizer=optimizer, lr=lr)
 
 
-def test_only_small_unit_step_convolutions_are_lowered():
+def test_small_convolutions_strided_ones_too_are_lowered_with_no_per_tap_slices():
+    """im2col is one Gemm with a constant 0/1 matrix, so a strided 3x3 with a 2x2 output is lowered too, and
+    neither graph slices per kernel tap (a per-tap Slice differentiates into a Pad each)."""
     torch.manual_seed(1)
     compiled = compile_graphs(_export(TinyMapNet()), loss="cross_entropy", optimizer="sgd")
+    for graph in (compiled.eval.graph, compiled.train_step.graph):
+        ops = [n.op_type for n in graph.node]
+        assert "Conv" not in ops and "ConvTranspose" not in ops
+        assert ops.count("Slice") == 2 and "Pad" not in ops, "only the model's own x[:, :, :2, :2], one per axis"
     ops = [n.op_type for n in compiled.eval.graph.node]
-    assert ops.count("Conv") == 1, "the strided 3x3 with a 2x2 output needs a strided Slice: it stays a Conv"
-    assert ops.count("Gemm") >= 4 + 1  # four lowered convolutions and the linear layer
-    # the centre-only and four-tap convolutions select their live taps with one small product each
-    selections = [n for n in compiled.eval.graph.node
-                  if n.op_type == "Constant" and n.attribute[0].t.data_type == onnx.TensorProto.FLOAT]
-    assert len(selections) == 2
+    assert ops.count("Gemm") >= 5 + 1  # five lowered convolutions and the linear layer
+    constants = [numpy_helper.to_array(n.attribute[0].t) for n in compiled.eval.graph.node
+                 if n.op_type == "Constant" and n.attribute[0].t.data_type == onnx.TensorProto.FLOAT]
+    assert all(set(np.unique(c)) <= {0.0, 1.0} for c in constants)
+    # stem: 16 input positions x (4 output positions x 9 taps); the centre conv's 1x1 input needs none
+    assert (16, 4 * 9) in [c.shape for c in constants]
+
+
+def test_a_convolution_with_a_larger_output_map_stays_a_conv():
+    class Wide(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = nn.Conv2d(3, 4, 3, padding=1)
+
+        def forward(self, x):
+            return torch.flatten(self.conv(x), 1)
+
+    torch.manual_seed(0)
+    model = torch_to_onnx(Wide(), torch.randn(2, 3, 3, 3))  # 3x3 output: 9 positions
+    compiled = compile_graphs(model, loss="mse", optimizer="sgd")
+    assert [n.op_type for n in compiled.eval.graph.node].count("Conv") == 1
 
 
 def test_a_frozen_lowered_convolution_trains_its_head_like_torch():
