@@ -32,7 +32,11 @@ import numpy as np
 
 from edge_sdk.errors import FleetlearnError
 
-FORMAT_VERSION = 1
+# 2 added optional fields an older reader would silently misread (graph_shape, running-statistics
+# buffers, shared external weights): it must refuse such a bundle, not bind wrong shapes. Version 1
+# bundles hold none of them and still load.
+FORMAT_VERSION = 2
+READABLE_FORMAT_VERSIONS = (1, 2)
 MANIFEST_FILE = "manifest.json"
 TRAIN_STEP_FILE = "train_step.onnx"
 EVAL_FILE = "eval.onnx"
@@ -226,9 +230,10 @@ class Manifest:
     def from_dict(cls, d: dict[str, Any]) -> Manifest:
         try:
             version = int(d["format_version"])
-            if version != FORMAT_VERSION:
+            if version not in READABLE_FORMAT_VERSIONS:
                 raise BundleError(
-                    f"manifest format_version {version} is not supported (this SDK reads {FORMAT_VERSION})"
+                    f"manifest format_version {version} is not supported (this SDK reads "
+                    f"{', '.join(map(str, READABLE_FORMAT_VERSIONS))}); update fleetlearn on this device"
                 )
             manifest = cls(
                 format_version=version,
