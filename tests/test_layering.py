@@ -117,3 +117,14 @@ def test_facades_resolve_every_public_name_without_host_packages(package):
         "assert package.__all__ and not missing, missing"
     )
     assert loaded_after(statements) == []
+
+
+def test_device_run_help_loads_no_aggregator_module_and_no_host_package():
+    """`fleetlearn device run` (the agent) and everything it imports stay on the device side."""
+    statements = ("import contextlib, io\nfrom edge_sdk.cli import main\n"
+                  "with contextlib.redirect_stdout(io.StringIO()) as out:\n"
+                  "    assert main(['device', 'run', '--help']) == 0\n"
+                  "assert '--state-dir' in out.getvalue() and '--broker' in out.getvalue()\n"
+                  "import edge_sdk.device.agent, edge_sdk.transport.round_transport, edge_sdk.transport.mqtt")
+    loaded = loaded_after(statements)
+    assert loaded == [], f"`fleetlearn device run` loaded host-side modules: {loaded}"

@@ -79,7 +79,7 @@ def acl_text(fleet: str, devices: Sequence[str], aggregator_user: str = AGGREGAT
     base = f"{PREFIX}/{fleet}"
     lines = [HEADER, "", f"user {aggregator_user}"]
     lines += [f"topic read {base}/up/#", f"topic read {base}/status/#", f"topic write {base}/down/#"]
-    for broadcast in ("plan", "model"):
+    for broadcast in ("plan", "model", "directory"):
         lines += [f"topic readwrite {base}/{broadcast}", f"topic readwrite {base}/{broadcast}/#"]
     lines.append(f"topic write {base}/status/{aggregator_user}")
     for device in devices:

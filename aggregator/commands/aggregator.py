@@ -14,7 +14,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 NAME = "aggregator"
-HELP = "the aggregator: enrol, revoke and list devices (enrol, revoke, devices) and run rounds (serve)"
+HELP = "the aggregator: enrol, revoke and list devices (enrol, revoke, devices), its key (key), run rounds (serve)"
 EXTRA = "host"
 
 
@@ -35,6 +35,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     devices.add_argument("--json", action="store_true", help="one JSON object per line")
     serve = sub.add_parser("serve", help="run the aggregator service with aggregator.toml")
     serve.add_argument("--config", required=True, metavar="FILE", help="aggregator.toml")
+    key = sub.add_parser("key", help="print the aggregator's public key (made on first use) for `device init`")
+    key.add_argument("--config", required=True, metavar="FILE", help="aggregator.toml")
 
 
 def _store(path_text: str, *, must_exist: bool):
@@ -101,19 +103,26 @@ def _devices(args: argparse.Namespace) -> int:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    import importlib.util
-
     from aggregator.service.config import load_config
-    from edge_sdk.errors import FleetlearnError
-
-    config = load_config(args.config)  # a bad config is reported even before the service exists
-    if importlib.util.find_spec("aggregator.service.service") is None:
-        raise FleetlearnError("the service loop (aggregator/service/service.py) is not built yet; the config "
-                              f"{args.config} is valid")
     from aggregator.service.service import serve
 
-    return serve(config)
+    return serve(load_config(args.config))  # a bad config is one line and exit 2, before anything starts
+
+
+def _key(args: argparse.Namespace) -> int:
+    from aggregator.service.config import load_config
+    from aggregator.service.service import load_or_create_identity
+
+    config = load_config(args.config)
+    config.fleet.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    identity = load_or_create_identity(config.identity_path)
+    sys.stdout.write(f"{identity.public.hex()}\n")
+    sys.stderr.write(f"the aggregator's public key ({config.identity_path}); provision devices with: fleetlearn "
+                     f"device init --state-dir DIR --fleet {config.fleet.id} --aggregator-key "
+                     f"{identity.public.hex()}\n")
+    return 0
 
 
 def run(args: argparse.Namespace) -> int:
-    return {"enrol": _enrol, "revoke": _revoke, "devices": _devices, "serve": _serve}[args.aggregator_command](args)
+    return {"enrol": _enrol, "revoke": _revoke, "devices": _devices, "serve": _serve,
+            "key": _key}[args.aggregator_command](args)

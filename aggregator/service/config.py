@@ -73,6 +73,7 @@ class RoundsConfig:
     cohort_max: int = 100
     over_selection: float = 0.3  # invite this fraction more than cohort_max to absorb dropouts
     interval: float = 0.0  # seconds between the end of one round and the next plan
+    retry_after: float = 30.0  # seconds after an aborted round before the next plan (so aborts do not spin)
     check_back_after: float = 600.0  # pace steering for declined, unselected and late devices
     sampling: str = "server"  # or "self": devices join with probability self_probability
     self_probability: float | None = None
@@ -106,6 +107,7 @@ class PrivacyConfig:
     threat_model: str = ThreatModel.ACTIVE.value
     dropout: float = 0.05
     colluding: float = 0.05
+    t_honest: int | None = None  # None: the cohort less its expected dropouts and colluders
 
 
 @dataclass(frozen=True)
@@ -282,7 +284,8 @@ def _rounds(t: _Table) -> RoundsConfig:
         raise ServiceConfigError(f"{t.source}: rounds.self_probability is set exactly when rounds.sampling = \"self\"")
     return RoundsConfig(
         t.integer("count", d.count), cohort_min, cohort_max, t.number("over_selection", d.over_selection, maximum=10.0),
-        t.number("interval", d.interval), t.number("check_back_after", d.check_back_after), sampling, probability,
+        t.number("interval", d.interval), t.number("retry_after", d.retry_after),
+        t.number("check_back_after", d.check_back_after), sampling, probability,
     )
 
 
@@ -300,6 +303,7 @@ def _privacy(t: _Table) -> PrivacyConfig:
         t.text("threat_model", d.threat_model, choices=tuple(m.value for m in ThreatModel)),
         t.number("dropout", d.dropout, maximum=0.99),
         t.number("colluding", d.colluding, maximum=0.99),
+        t.integer("t_honest", None, minimum=1),
     )
 
 

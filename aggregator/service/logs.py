@@ -15,7 +15,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-CONTEXT_FIELDS = ("fleet", "round", "session", "stage", "device", "reason")
+CONTEXT_FIELDS = ("fleet", "round", "session", "stage", "device", "kind", "reason", "model_version", "contributors",
+                  "accuracy", "loss")
 
 
 class JsonLineFormatter(logging.Formatter):

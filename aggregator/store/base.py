@@ -23,9 +23,11 @@ from aggregator.accounting.participation_record import ParticipationRecord
 from edge_sdk.errors import FleetlearnError
 from edge_sdk.secagg.keys import KEY_BYTES
 from edge_sdk.secagg.membership import Directory
+from edge_sdk.wire.errors import WireFormatError
+from edge_sdk.wire.frame_fields import check_id
+from edge_sdk.wire.limits import MAX_ID_BYTES
 
-MAX_DEVICE_ID_BYTES = 128  # the ids SecAgg+ messages and topics carry
-FORBIDDEN_ID_CHARACTERS = ("+", "#", "/", "\0")  # MQTT wildcards, the topic separator, NUL
+MAX_DEVICE_ID_BYTES = MAX_ID_BYTES  # the ids SecAgg+ messages and topics carry
 
 
 class StoreError(FleetlearnError):
@@ -45,17 +47,14 @@ class StoreVersionError(StoreError):
 
 
 def check_topic_level(value: str, what: str) -> str:
-    """Return ``value`` if it can be one MQTT topic level (a device or fleet id), else raise StoreError."""
-    if not isinstance(value, str) or not value:
-        raise StoreError(f"{what} must be a non-empty string, got {value!r}")
-    if len(value.encode("utf-8")) > MAX_DEVICE_ID_BYTES:
-        raise StoreError(f"{what} {value[:20]!r}... is over {MAX_DEVICE_ID_BYTES} bytes of UTF-8")
-    bad = [c for c in FORBIDDEN_ID_CHARACTERS if c in value]
-    if bad or not value.isprintable() or value != value.strip():
-        raise StoreError(
-            f"{what} {value!r} may not contain '+', '#', '/', NUL, control characters or surrounding spaces "
-            "(it becomes an MQTT topic level)"
-        )
+    """Return ``value`` if it can be one MQTT topic level (a device or fleet id), else raise StoreError.
+
+    The rule is the wire's (``edge_sdk.wire.frame_fields.check_id``), the one id rule everywhere.
+    """
+    try:
+        check_id(value, what, MAX_DEVICE_ID_BYTES)
+    except WireFormatError as exc:
+        raise StoreError(str(exc)) from None
     return value
 
 

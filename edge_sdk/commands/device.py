@@ -33,10 +33,39 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                       help="take the budget from this device profile's epsilon_budget and delta")
     init.add_argument("--epsilon", type=finite_float(0.0, exclusive=True), help="the budget epsilon (> 0)")
     init.add_argument("--delta", type=float, help="the budget delta, in (0, 1)")
+    init.add_argument("--fleet", metavar="ID", help="with --state-dir: the fleet this device joins")
+    init.add_argument("--aggregator-key", metavar="HEX|FILE",
+                      help="with --state-dir and --fleet: the aggregator's public key (64 hex digits, or a file "
+                      "holding them; `fleetlearn aggregator key` prints it), the only key whose plans, models and "
+                      "directories this device trusts")
     budget = sub.add_parser("budget", help="show the epsilon spent and left, from the privacy ledger")
     budget.add_argument("--ledger", metavar="PATH", help="the device's privacy ledger file")
     budget.add_argument("--state-dir", metavar="DIR", help="the agent's state directory (its privacy.ledger)")
     budget.add_argument("--json", action="store_true", help="print one JSON object instead of text")
+    agent = sub.add_parser("run", help="run the agent: wait for plans, train, privatise, mask and upload, round "
+                           "after round (SIGTERM stops it cleanly)")
+    agent.add_argument("--profile", required=True, metavar="NAME|FILE.json", help="the device profile (threads)")
+    agent.add_argument("--state-dir", required=True, metavar="DIR", help="made by `fleetlearn device init`")
+    agent.add_argument("--broker", required=True, metavar="URL", help="mqtt://host:port or mqtts://host:port")
+    agent.add_argument("--bundle", metavar="DIR", help="the training bundle (default: DIR/bundle)")
+    agent.add_argument("--data", metavar="FILE.npz", help="the local training data, x and y (default: DIR/data.npz)")
+    agent.add_argument("--tls-ca", metavar="FILE", help="the CA that signed the broker's certificate")
+    agent.add_argument("--tls-cert", metavar="FILE", help="this device's client certificate (mTLS)")
+    agent.add_argument("--tls-key", metavar="FILE", help="its private key")
+    agent.add_argument("--username", metavar="NAME", help="broker user name (default: none)")
+    agent.add_argument("--password-file", metavar="FILE", help="a file holding the broker password")
+    agent.add_argument("--rounds", type=int, metavar="N", help="stop after N rounds ended here (default: never)")
+    for name, what in (("--min-battery", "minimum battery percent on battery"),
+                       ("--max-cpu-celsius", "maximum CPU temperature"),
+                       ("--max-load-per-cpu", "maximum 1-minute load per CPU (idleness)")):
+        agent.add_argument(name, type=_number_or_off, metavar="X|off", help=f"eligibility: {what} ('off': no rule)")
+    agent.add_argument("--require-charging", action="store_true", help="eligibility: only on mains or charging")
+
+
+def _number_or_off(text: str) -> float | str:
+    if text == "off":
+        return text
+    return finite_float(0.0)(text)
 
 
 def _ledger_file(path_text: str, *, must_exist: bool) -> Path:
@@ -72,14 +101,34 @@ def _init(args: argparse.Namespace) -> int:
         epsilon, delta = args.epsilon, args.delta
         if not 0.0 < delta < 1.0:
             raise ConfigError(f"--delta must be in (0, 1), got {delta}")
+    provisioning = None
     if args.state_dir is not None:
-        from edge_sdk.device.state_dir import check_device_id, create_identity, default_device_id
+        from edge_sdk.device.state_dir import (
+            Provisioning,
+            StateDirError,
+            check_device_id,
+            create_identity,
+            default_device_id,
+            parse_aggregator_key,
+        )
 
         device_id = check_device_id(args.device_id or default_device_id())
+        if (args.fleet is None) != (args.aggregator_key is None):
+            raise StateDirError("give --fleet and --aggregator-key together (the agent needs both), or neither")
+        if args.fleet is not None:
+            provisioning = Provisioning(check_device_id(args.fleet), parse_aggregator_key(args.aggregator_key))
+    elif args.fleet is not None or args.aggregator_key is not None:
+        from edge_sdk.device.state_dir import StateDirError
+
+        raise StateDirError("--fleet and --aggregator-key go with --state-dir")
     state_dir = _state_dir(args)
     path = _ledger_file(args.ledger, must_exist=False)
     if state_dir is not None:
         identity = create_identity(state_dir, device_id)  # refuses an initialised directory, before the ledger
+        if provisioning is not None:
+            from edge_sdk.device.state_dir import write_provisioning
+
+            write_provisioning(state_dir, provisioning)
     try:
         with DeviceLedger.open(path, epsilon, delta) as ledger:
             spend = ledger.spent()
@@ -95,6 +144,9 @@ def _init(args: argparse.Namespace) -> int:
             f"enrol it on the aggregator with: fleetlearn aggregator enrol --store STORE --device {device_id} "
             f"--public-key {identity.public.hex()}\n"
         )
+        if provisioning is not None:
+            sys.stdout.write(f"trusts aggregator key {provisioning.aggregator_public.hex()} of fleet "
+                             f"{provisioning.fleet}\n")
     return 0
 
 
@@ -143,5 +195,33 @@ def _budget(args: argparse.Namespace) -> int:
     return 0
 
 
+def _run_agent(args: argparse.Namespace) -> int:
+    import logging
+    import signal
+
+    from edge_sdk.config import load_profile
+    from edge_sdk.device.agent import AgentSettings, DeviceAgent, policy_from_options
+
+    logging.getLogger().setLevel(min(logging.getLogger().level, logging.INFO))
+    profile = load_profile(args.profile)
+    state_dir = Path(args.state_dir)
+    password = Path(args.password_file).read_text().strip() if args.password_file else None
+    policy = policy_from_options({"min_battery_percent": args.min_battery, "max_cpu_celsius": args.max_cpu_celsius,
+                                  "max_load_per_cpu": args.max_load_per_cpu})
+    if args.require_charging:
+        from dataclasses import replace
+
+        policy = replace(policy, require_charging=True)
+    settings = AgentSettings(state_dir=state_dir, broker_url=args.broker,
+                             bundle=Path(args.bundle) if args.bundle else state_dir / "bundle",
+                             data=Path(args.data) if args.data else state_dir / "data.npz",
+                             threads=profile.threads, policy=policy, username=args.username, password=password,
+                             ca_file=args.tls_ca, cert_file=args.tls_cert, key_file=args.tls_key)
+    stopping: list[int] = []
+    signal.signal(signal.SIGTERM, lambda signum, frame: stopping.append(signum))
+    agent = DeviceAgent(settings)
+    return agent.run(lambda: bool(stopping), max_rounds=args.rounds)
+
+
 def run(args: argparse.Namespace) -> int:
-    return _init(args) if args.device_command == "init" else _budget(args)
+    return {"init": _init, "budget": _budget, "run": _run_agent}[args.device_command](args)

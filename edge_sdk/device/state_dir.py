@@ -20,12 +20,14 @@ from pathlib import Path
 
 from edge_sdk.errors import FleetlearnError
 from edge_sdk.secagg.keys import KEY_BYTES, IdentityKey
+from edge_sdk.wire.errors import WireFormatError
+from edge_sdk.wire.frame_fields import check_id
+from edge_sdk.wire.limits import MAX_ID_BYTES
 
 IDENTITY_FILE = "identity.key"
 LEDGER_FILE = "privacy.ledger"
 DEVICE_FILE = "device.json"
 STATE_FORMAT = 1
-MAX_ID_BYTES = 128
 
 
 class StateDirError(FleetlearnError, ValueError):
@@ -33,13 +35,11 @@ class StateDirError(FleetlearnError, ValueError):
 
 
 def check_device_id(device_id: str) -> str:
-    """A device id becomes an MQTT topic level and an ACL line: 1..128 bytes, no ``/ + #``, NUL or spaces."""
-    raw = device_id.encode("utf-8")
-    if not 0 < len(raw) <= MAX_ID_BYTES or any(c in device_id for c in "/+#\0") or any(
-            c.isspace() for c in device_id) or not device_id.isprintable():
-        raise StateDirError(
-            f"device id {device_id!r} must be 1..{MAX_ID_BYTES} bytes without '/', '+', '#', NUL or whitespace"
-        )
+    """A device id becomes an MQTT topic level and an ACL line: the wire's one id rule (``check_id``)."""
+    try:
+        check_id(device_id, "device id", MAX_ID_BYTES)
+    except WireFormatError as exc:
+        raise StateDirError(str(exc)) from None
     return device_id
 
 
@@ -132,3 +132,73 @@ def load_state(directory: str | os.PathLike[str]) -> DeviceState:
             f"{directory / DEVICE_FILE} is missing or damaged ({exc}); it holds the device id"
         ) from None
     return DeviceState(directory, device_id, identity)
+
+
+# --- what the agent adds: the provisioned aggregator, and what it keeps between runs -------------
+
+PROVISION_FILE = "aggregator.json"
+
+
+@dataclass(frozen=True)
+class Provisioning:
+    """The fleet a device joins and the aggregator's public key it trusts, fixed at ``device init``."""
+
+    fleet: str
+    aggregator_public: bytes
+
+
+def parse_aggregator_key(text: str) -> bytes:
+    """``--aggregator-key``: 64 hex digits, or the path of a file holding them (``aggregator key`` prints them)."""
+    candidate = text.strip()
+    path = Path(candidate)
+    if not _is_hex(candidate) and path.is_file():
+        candidate = path.read_text().strip()
+    if not _is_hex(candidate) or len(candidate) != 2 * KEY_BYTES:
+        raise StateDirError(f"--aggregator-key must be the aggregator's public key as {2 * KEY_BYTES} hex digits, or "
+                            f"a file holding them (`fleetlearn aggregator key --config aggregator.toml` prints it); "
+                            f"got {text[:40]!r}")
+    return bytes.fromhex(candidate)
+
+
+def _is_hex(text: str) -> bool:
+    return bool(text) and all(c in "0123456789abcdefABCDEF" for c in text)
+
+
+def write_provisioning(directory: Path, provisioning: Provisioning) -> None:
+    """Record the fleet and the aggregator key, once: a device never silently trusts another aggregator."""
+    check_device_id(provisioning.fleet)
+    data = json.dumps({"format": STATE_FORMAT, "fleet": provisioning.fleet,
+                       "aggregator_public": provisioning.aggregator_public.hex()}, sort_keys=True).encode() + b"\n"
+    _write_new_file(directory / PROVISION_FILE, data)
+
+
+def load_provisioning(directory: str | os.PathLike[str]) -> Provisioning:
+    path = Path(directory) / PROVISION_FILE
+    try:
+        data = json.loads(path.read_text())
+        key = bytes.fromhex(str(data["aggregator_public"]))
+        fleet = check_device_id(str(data["fleet"]))
+        if len(key) != KEY_BYTES:
+            raise ValueError(f"the key has {len(key)} bytes")
+    except FileNotFoundError:
+        raise StateDirError(f"{path} is missing: provision the device with `fleetlearn device init --state-dir "
+                            f"{directory} --fleet ID --aggregator-key HEX`") from None
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise StateDirError(f"{path} is damaged ({exc}); it holds the fleet and the aggregator's key") from None
+    return Provisioning(fleet, key)
+
+
+def replace_file(path: Path, data: bytes) -> None:
+    """Write ``data`` over ``path`` atomically and durably (temporary file, fsync, rename, fsync the directory)."""
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "wb") as handle:
+        handle.write(data)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(temporary, path)
+    directory = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(directory)
+    finally:
+        os.close(directory)

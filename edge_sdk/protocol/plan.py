@@ -42,11 +42,12 @@ from edge_sdk.protocol.fields import (
 from edge_sdk.protocol.signing import sign_body, verify_body
 from edge_sdk.secagg.keys import IdentityKey
 from edge_sdk.secagg.parameters import ThreatModel
+from edge_sdk.wire.errors import WireFormatError
+from edge_sdk.wire.frame_fields import check_id
+from edge_sdk.wire.limits import MAX_ID_BYTES
 
 PLAN_FORMAT = 1
 PLAN_DOMAIN = b"fleetlearn/round/v1/plan\x00"
-MAX_ID_BYTES = 128
-_FORBIDDEN_ID_CHARS = frozenset("/+#\x00")
 
 
 class PlanError(ConfigError):
@@ -54,10 +55,11 @@ class PlanError(ConfigError):
 
 
 def check_identifier(value: str, what: str) -> str:
-    """Fleet and device ids become MQTT topic levels: 1..128 UTF-8 bytes without ``/ + #`` or NUL."""
-    raw = value.encode("utf-8") if isinstance(value, str) else b""
-    if not isinstance(value, str) or not 0 < len(raw) <= MAX_ID_BYTES or _FORBIDDEN_ID_CHARS & set(value):
-        raise PlanError(f"{what} must be 1..{MAX_ID_BYTES} UTF-8 bytes without '/', '+', '#' or NUL, got {value!r}")
+    """Fleet and device ids become MQTT topic levels: the wire's one id rule (``check_id``), as a PlanError."""
+    try:
+        check_id(value, what, MAX_ID_BYTES)
+    except WireFormatError as exc:
+        raise PlanError(str(exc)) from None
     return value
 
 

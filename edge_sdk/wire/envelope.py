@@ -50,6 +50,7 @@ class MessageKind(enum.IntEnum):
     MODEL = 35
     RECEIPT = 36
     STATUS = 37
+    DIRECTORY = 38
 
     @property
     def topic_name(self) -> str:

@@ -16,7 +16,12 @@ _FORBIDDEN_ID_CHARS = ("+", "#", "/", "\x00")
 
 
 def check_id(value: str, field: str, max_bytes: int) -> bytes:
-    """``value`` as UTF-8 if it can name a fleet or device in a topic: 1..max_bytes bytes, no ``+ # /`` or NUL."""
+    """``value`` as UTF-8 if it can name a fleet or device: 1..max_bytes bytes, no ``+ # /``, NUL or whitespace.
+
+    The one id rule of fleetlearn (the store, the state directory and the round layer call it): an id
+    is an MQTT topic level, so no wildcard or separator, and a line of a Mosquitto ACL or password
+    file, which splits on whitespace, so no whitespace or other unprintable character either.
+    """
     if not isinstance(value, str):
         raise WireFormatError(f"{field} must be a str, got {type(value).__name__}")
     raw = value.encode("utf-8", errors="surrogatepass")
@@ -26,6 +31,9 @@ def check_id(value: str, field: str, max_bytes: int) -> bytes:
     if bad:
         raise WireFormatError(f"{field} {value!r} contains {bad[0]!r}: ids may not contain '+', '#', '/' or NUL "
                               "(they are MQTT topic levels)")
+    if any(c.isspace() or not c.isprintable() for c in value):
+        raise WireFormatError(f"{field} {value!r} contains whitespace or an unprintable character: an id is also "
+                              "a line of the broker's ACL, which splits on whitespace")
     try:
         raw.decode("utf-8")
     except UnicodeDecodeError:

@@ -8,6 +8,7 @@ checked; ``sender_check`` ties the topic id to the envelope and the signed body.
     fleetlearn/v1/<fleet>/down/<device_id>        aggregator -> one device
     fleetlearn/v1/<fleet>/plan[/<chunk>]          the signed plan, retained
     fleetlearn/v1/<fleet>/model[/<chunk>]         the signed model, retained
+    fleetlearn/v1/<fleet>/directory[/<chunk>]     the signed enrolment directory, retained
     fleetlearn/v1/<fleet>/status/<device_id>      "online"/"offline", retained last will
 
 Retained broadcasts take one topic per chunk (``model/0``, ``model/1``, ...): a broker retains only
@@ -37,6 +38,7 @@ class Channel(enum.Enum):
     PLAN = "plan"
     MODEL = "model"
     STATUS = "status"
+    DIRECTORY = "directory"
 
 
 @dataclass(frozen=True)
@@ -88,6 +90,10 @@ def model_topic(fleet: str, chunk_index: int | None = None) -> str:
     return str(Topic(_id(fleet, "fleet"), Channel.MODEL, chunk_index=_chunk(chunk_index)))
 
 
+def directory_topic(fleet: str, chunk_index: int | None = None) -> str:
+    return str(Topic(_id(fleet, "fleet"), Channel.DIRECTORY, chunk_index=_chunk(chunk_index)))
+
+
 def status_topic(fleet: str, device_id: str) -> str:
     return str(Topic(_id(fleet, "fleet"), Channel.STATUS, _id(device_id, "device_id")))
 
@@ -101,7 +107,8 @@ def aggregator_subscriptions(fleet: str) -> tuple[str, ...]:
 def device_subscriptions(fleet: str, device_id: str) -> tuple[str, ...]:
     """What a device subscribes to: its own downlink and the retained broadcasts (whole or chunked)."""
     base = f"{PREFIX}/{_id(fleet, 'fleet')}"
-    return (down_topic(fleet, device_id), f"{base}/plan", f"{base}/plan/+", f"{base}/model", f"{base}/model/+")
+    return (down_topic(fleet, device_id), f"{base}/plan", f"{base}/plan/+", f"{base}/model", f"{base}/model/+",
+            f"{base}/directory", f"{base}/directory/+")
 
 
 def device_publications(fleet: str, device_id: str) -> tuple[str, ...]:
@@ -137,11 +144,11 @@ def parse_topic(topic: str) -> Topic:
                               f"{', '.join(c.value for c in Channel)}") from None
     rest = levels[2:]
     expected = {Channel.UP: (2,), Channel.DOWN: (1,), Channel.STATUS: (1,), Channel.PLAN: (0, 1),
-                Channel.MODEL: (0, 1)}[channel]
+                Channel.MODEL: (0, 1), Channel.DIRECTORY: (0, 1)}[channel]
     if len(rest) not in expected:
         raise WireFormatError(f"topic {shown!r}: a {channel.value} topic has {' or '.join(map(str, expected))} "
                               f"levels after the channel, got {len(rest)}")
-    if channel in (Channel.PLAN, Channel.MODEL):
+    if channel in (Channel.PLAN, Channel.MODEL, Channel.DIRECTORY):
         return Topic(fleet, channel, chunk_index=_parse_chunk_level(rest[0], shown) if rest else None)
     device_id = _id(rest[0], f"topic {shown!r}: device id")
     kind = kind_from_topic_name(rest[1]) if channel is Channel.UP else None

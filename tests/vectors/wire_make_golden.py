@@ -122,6 +122,7 @@ OTHER_KIND_PAYLOADS = {
     MessageKind.RECEIPT: (AGGREGATOR, SESSION, sign_receipt(identity(AGGREGATOR), Receipt(
         AGGREGATOR, "dev-1", SESSION, MessageKind.MASKED_INPUT, 6, _bytes("acknowledged-envelope", 32)))),
     MessageKind.STATUS: ("dev-3", NO_SESSION, b"online"),
+    MessageKind.DIRECTORY: (AGGREGATOR, NO_SESSION, _bytes("directory-payload", 48)),
 }
 
 

@@ -26,7 +26,7 @@ LIMITS = WireLimits.for_plan(vector_length=1000, bits=16, cohort_size=10, model_
 ENV = Envelope(1, MessageKind.SHARE_KEYS, "fleet-a", bytes(range(32)), 4, 2, "dev-1", 9, b"payload bytes")
 
 ids = st.text(st.characters(blacklist_characters="+#/\x00", blacklist_categories=("Cs",)), min_size=1,
-              max_size=32)
+              max_size=32).filter(lambda s: all(c.isprintable() and not c.isspace() for c in s))
 envelopes = st.builds(Envelope, st.just(1), st.sampled_from(MessageKind), ids, st.binary(min_size=32, max_size=32),
                       st.integers(0, 2**64 - 1), st.integers(0, 255), ids, st.integers(0, 2**64 - 1),
                       st.binary(max_size=500))

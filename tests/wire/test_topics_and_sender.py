@@ -42,7 +42,8 @@ def test_acl_intent_confines_a_device_to_its_own_uplinks():
     assert device_publications("f1", "dev-1") == ("fleetlearn/v1/f1/up/dev-1/#", "fleetlearn/v1/f1/status/dev-1")
     assert device_subscriptions("f1", "dev-1")[0] == "fleetlearn/v1/f1/down/dev-1"
     assert set(device_subscriptions("f1", "dev-1")[1:]) == {
-        "fleetlearn/v1/f1/plan", "fleetlearn/v1/f1/plan/+", "fleetlearn/v1/f1/model", "fleetlearn/v1/f1/model/+"}
+        "fleetlearn/v1/f1/plan", "fleetlearn/v1/f1/plan/+", "fleetlearn/v1/f1/model", "fleetlearn/v1/f1/model/+",
+        "fleetlearn/v1/f1/directory", "fleetlearn/v1/f1/directory/+"}
     assert aggregator_subscriptions("f1") == ("fleetlearn/v1/f1/up/+/+", "fleetlearn/v1/f1/status/+")
 
 
