@@ -110,6 +110,7 @@ def conf_text(directory: Path, port: int, bind: str, tls: TlsFiles | None, clien
         lines.append(f"password_file {directory / PASSWORD_FILE}")
     lines += [
         f"max_queued_messages {max_queued_messages}",  # the reliable channel retransmits what a full queue drops
+        "set_tcp_nodelay true",  # without it Nagle + delayed ACKs cost ~40 ms per hop: 88 ms per round trip here
         "persistence true", f"persistence_location {directory}/",
         "", f"listener {port} {bind}",
     ]

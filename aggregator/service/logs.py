@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 CONTEXT_FIELDS = ("fleet", "round", "session", "stage", "device", "kind", "reason", "model_version", "contributors",
-                  "accuracy", "loss")
+                  "accuracy", "loss", "seconds", "cpu_seconds")
 
 
 class JsonLineFormatter(logging.Formatter):

@@ -314,7 +314,7 @@ class AggregatorService:
             expected = min(len(invited), self.cohort_policy.max_size)
         plan = self._draft(host, round_index, sampling, expected)
         self.router.limits = limits_for_plan(plan, max(len(self.directory), 1))
-        started = self.clock()
+        started, cpu_started = self.clock(), time.process_time()
         step = start_host_round(host, plan, self.params, self._now(), self.strategy_state)
         signed: RoundPlan = step.state.plan
         self.store.put_plan(round_index, signed.to_bytes(), now=self.wall())
@@ -338,7 +338,7 @@ class AggregatorService:
         state = self.endpoint.state
         watcher.observe(state)
         self._account_dropouts(state, rlog)
-        seconds = self.clock() - started
+        seconds, cpu = self.clock() - started, time.process_time() - cpu_started
         if state.stage is HostStage.PUBLISH:
             self.params = self.layout.unflatten(state.new_params)
             self.strategy_state = state.strategy_state
@@ -347,7 +347,8 @@ class AggregatorService:
             rlog.info("round %d: published model version %d from %d contributors in %.2f s", round_index,
                       self.model_version, len(state.contributors), seconds,
                       extra={"stage": "PUBLISH", "model_version": self.model_version,
-                             "contributors": list(state.contributors)})
+                             "contributors": list(state.contributors), "seconds": round(seconds, 4),
+                             "cpu_seconds": round(cpu, 4)})
             return RoundSummary(round_index, True, self.model_version, tuple(state.contributors), None, seconds,
                                 accuracy)
         rlog.info("round %d: aborted after %.2f s: %s", round_index, seconds, state.abort_reason,

@@ -12,6 +12,6 @@ from transport.mosquitto_process import MOSQUITTO, MosquittoBroker
 def broker(tmp_path) -> Iterator[MosquittoBroker]:
     if not MOSQUITTO:
         pytest.skip("mosquitto is not installed (apt-get install mosquitto)")
-    running = MosquittoBroker(tmp_path).start()
+    running = MosquittoBroker(tmp_path, "set_tcp_nodelay true").start()  # as mosquitto-config writes
     yield running
     running.stop()
