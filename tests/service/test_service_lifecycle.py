@@ -16,6 +16,7 @@ from .round_fleet import ROOT, make_fleet
 from .test_round_over_mqtt import Fleet
 
 
+@pytest.mark.slow  # two interpreter start-ups: ~3 s
 def test_a_bad_config_is_one_line_and_exit_code_2(tmp_path):
     config = tmp_path / "aggregator.toml"
     config.write_text('[fleet]\nid = "has space"\nstate_dir = "s"\n[broker]\nurls = ["mqtt://localhost:1"]\n'
