@@ -7,7 +7,9 @@ this process, each with its own MQTT connection, all driven by one ``MqttLoop``,
 random vector instead of training). Measured by the service itself and read from its JSON log:
 
 * latency: from signing the plan (announcement) to the published model, wall clock;
-* aggregator CPU: ``time.process_time()`` of the aggregator process over the same span.
+* aggregator CPU: ``time.process_time()`` of the aggregator process over the same span;
+* devices CPU: ``time.process_time()`` of this process (all n devices, one core at most) from the
+  plan's log line to the round's: with n devices in one Python process this bounds the latency.
 
 The floor, in the same run and through the same broker: 100 publishers x 327,680 B at QoS 1 in
 128 KiB chunks to one subscriber (benchmarks/transport.py's ``raw_floor``). Medians over rounds.
@@ -29,7 +31,11 @@ import threading
 import time
 from pathlib import Path
 
-import numpy as np
+# One BLAS thread per process: broker, aggregator and 100 devices share 2 cores, and OpenBLAS's
+# spinning worker threads made one 131,072-point Hadamard rotation 18 ms instead of 0.6 ms here.
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+
+import numpy as np  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -104,6 +110,7 @@ class Devices:
 
         limits = limits_for(EncodingParams(d, 1.0, 1.0, 20, bytes(16)).padded_dim, 20, len(identities), 4 * d)
         self.pump = Pump(_Clock())
+        self._next_housekeeping = 0.0
         for device, identity in identities.items():
             update = rng.normal(0, 1, d).astype(np.float32)
             update *= 0.5 / np.linalg.norm(update)
@@ -124,7 +131,15 @@ class Devices:
 
     def step(self) -> None:
         self.loop.run_once(0.002)
+        now = time.monotonic()
+        housekeeping = now >= self._next_housekeeping  # partial-message expiry in every channel, now and then
+        if housekeeping:
+            self._next_housekeeping = now + 1.0
         for e in self.endpoints:
+            if not housekeeping and e.transport.quiet(now):
+                deadline = DeviceRound.deadline(e.state)
+                if deadline is None or now < deadline:
+                    continue
             for topic, data in e.transport.poll(0.0):
                 if parse_topic(topic).channel is Channel.DIRECTORY:
                     continue  # these devices were given the directory
@@ -138,7 +153,17 @@ class Devices:
                     if DeviceRound.finished(e.state) or e.state.plan is not None:
                         e.state = start_device(e.state.config, e.state.memory, e.state.model)
                 self.pump.settle(e, DeviceRound.handle(e.state, message, time.monotonic()))
-            self.pump.settle(e, DeviceRound.tick(e.state, time.monotonic()))
+            deadline = DeviceRound.deadline(e.state)
+            if deadline is not None and time.monotonic() >= deadline:  # before it a tick is a no-op
+                self.pump.settle(e, DeviceRound.tick(e.state, time.monotonic()))
+
+    def counters(self) -> dict[str, int]:
+        """The devices' reliable channels' counters, summed (retransmissions, duplicates, ...)."""
+        total: dict[str, int] = {}
+        for e in self.endpoints:
+            for key, value in e.transport.channel.counters.items():
+                total[key] = total.get(key, 0) + value
+        return total
 
     def close(self) -> None:
         for e in self.endpoints:
@@ -182,7 +207,8 @@ enabled = false
 """
 
 
-def run_case(url: str, n: int, d: int, rounds: int, timeout: float) -> list[tuple[float, float]]:
+def run_case(url: str, n: int, d: int, rounds: int, timeout: float,
+             profile: Path | None = None, timeline: bool = False) -> list[tuple[float, float, float]]:
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         state_dir = root / "aggregator"
@@ -197,11 +223,14 @@ def run_case(url: str, n: int, d: int, rounds: int, timeout: float) -> list[tupl
         config = root / "aggregator.toml"
         fleet = f"bench-n{n}-d{d}"  # one fleet per case: the broker still retains the last case's model
         config.write_text(config_toml(fleet, state_dir, params, url, n, rounds))
-        process = subprocess.Popen([sys.executable, "-m", "edge_sdk.cli", "aggregator", "serve", "--config",
+        profiler = ["-m", "cProfile", "-o", str(profile / f"aggregator-n{n}-d{d}.prof")] if profile else []
+        process = subprocess.Popen([sys.executable, *profiler, "-m", "edge_sdk.cli", "aggregator", "serve", "--config",
                                     str(config)], cwd=ROOT, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL,
                                    text=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
-        results: list[tuple[float, float]] = []
+        results: list[tuple[float, float, float]] = []
         lines: list[str] = []
+        stages: list[tuple[float, str]] = []
+        devices_cpu = [time.process_time()]
 
         def read() -> None:
             for line in process.stderr:
@@ -210,17 +239,37 @@ def run_case(url: str, n: int, d: int, rounds: int, timeout: float) -> list[tupl
                     event = json.loads(line)
                 except json.JSONDecodeError:
                     continue
+                if event.get("stage") == "PLAN" and "plan published" in event.get("message", ""):
+                    devices_cpu[0] = time.process_time()  # this process: the n devices
+                if timeline and "stage" in event and "entered stage" in event.get("message", ""):
+                    stages.append((event["time"], event["stage"]))
                 if "cpu_seconds" in event:
-                    results.append((event["seconds"], event["cpu_seconds"]))
+                    results.append((event["seconds"], event["cpu_seconds"], time.process_time() - devices_cpu[0]))
+                    if timeline and stages:
+                        t0 = stages[0][0]
+                        print("  stages: " + ", ".join(f"{name} +{t - t0:.2f}" for t, name in stages)
+                              + f", published +{event['time'] - t0:.2f}", file=sys.stderr)
+                    stages.clear()
 
         reader = threading.Thread(target=read, daemon=True)
         reader.start()
         devices = Devices(url, fleet, root, identities, aggregator.public, d)
         deadline = time.monotonic() + timeout
+        device_profile = None
+        if profile:
+            import cProfile
+
+            device_profile = cProfile.Profile()
+            device_profile.enable()
         try:
             while process.poll() is None and time.monotonic() < deadline:
                 devices.step()
         finally:
+            if timeline:
+                print(f"  devices' channels: {devices.counters()}", file=sys.stderr)
+            if device_profile is not None:
+                device_profile.disable()
+                device_profile.dump_stats(str(profile / f"devices-n{n}-d{d}.prof"))
             devices.close()
             if process.poll() is None:
                 process.terminate()
@@ -240,6 +289,9 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--timeout", type=float, default=600.0, help="seconds per (n, d) case")
     parser.add_argument("--floor-repeats", type=int, default=5)
+    parser.add_argument("--timeline", action="store_true", help="print when each round entered each stage")
+    parser.add_argument("--profile", type=Path, default=None,
+                        help="directory for cProfile dumps of the aggregator and of the devices' process")
     args = parser.parse_args()
     transport_benchmark = _transport_benchmark()
     with tempfile.TemporaryDirectory() as tmp:
@@ -250,23 +302,26 @@ def main() -> None:
             rows = []
             for n in args.n:
                 for d in args.d:
-                    results = run_case(url, n, d, args.rounds, args.timeout)
+                    results = run_case(url, n, d, args.rounds, args.timeout, args.profile, args.timeline)
                     rows.append((n, d, results))
                     if results:
-                        print(f"  n={n} d={d}: rounds {[round(s, 3) for s, _ in results]} s", file=sys.stderr)
+                        print(f"  n={n} d={d}: rounds {[round(r[0], 3) for r in results]} s", file=sys.stderr)
         finally:
             broker.terminate()
             broker.wait(10)
     print(f"floor: 100 publishers x 327,680 B, QoS 1, 128 KiB chunks -> 1 subscriber: {floor:.3f} s "
           f"(median of {args.floor_repeats})")
-    print(f"{'n':>5}{'d':>10}{'rounds':>8}{'latency s':>11}{'agg CPU s':>11}{'latency/floor':>15}")
+    print(f"{'n':>5}{'d':>10}{'rounds':>8}{'latency s':>11}{'agg CPU s':>11}{'devices CPU s':>15}"
+          f"{'latency/floor':>15}")
     for n, d, results in rows:
         if not results:
-            print(f"{n:>5}{d:>10}{0:>8}{'-':>11}{'-':>11}{'-':>15}")
+            print(f"{n:>5}{d:>10}{0:>8}{'-':>11}{'-':>11}{'-':>15}{'-':>15}")
             continue
-        latency = statistics.median(s for s, _ in results)
-        cpu = statistics.median(c for _, c in results)
-        print(f"{n:>5}{d:>10}{len(results):>8}{latency:>11.3f}{cpu:>11.3f}{latency / floor:>15.2f}")
+        latency = statistics.median(r[0] for r in results)
+        cpu = statistics.median(r[1] for r in results)
+        devices_cpu = statistics.median(r[2] for r in results)
+        print(f"{n:>5}{d:>10}{len(results):>8}{latency:>11.3f}{cpu:>11.3f}{devices_cpu:>15.3f}"
+              f"{latency / floor:>15.2f}")
 
 
 if __name__ == "__main__":

@@ -154,6 +154,7 @@ class MqttTransport:
         self._pending_subscriptions: set[int] = set()
         self._unacknowledged: set[int] = set()
         self._attempt = 0
+        self._polled_at_pass = 0
         self._closing = False
         self._closed = False
         self._connected = False
@@ -179,8 +180,11 @@ class MqttTransport:
         self._unacknowledged.add(info.mid)
 
     def poll(self, timeout: float) -> list[tuple[str, bytes]]:
-        if not self._inbox:
+        """What arrived; ``poll(0)`` right after a pass of the shared loop takes that pass's reading."""
+        fresh = timeout <= 0 and self._loop.passes != self._polled_at_pass  # the loop read every socket since
+        if not self._inbox and not fresh:
             self._loop.run(timeout, until=lambda: bool(self._inbox))
+        self._polled_at_pass = self._loop.passes
         received = list(self._inbox)
         self._inbox.clear()
         return received
@@ -226,6 +230,11 @@ class MqttTransport:
     def ready(self) -> bool:
         """Connected with every subscription acknowledged: messages published now will reach us."""
         return self._connected and not self._pending_subscriptions
+
+    @property
+    def has_input(self) -> bool:
+        """Messages wait in the inbox: a ``poll`` now returns them without touching the socket."""
+        return bool(self._inbox)
 
     @property
     def unacknowledged(self) -> int:

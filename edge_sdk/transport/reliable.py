@@ -130,6 +130,10 @@ class ReliableChannel:
         """Messages still awaiting a receipt."""
         return len(self._schedule.outgoing)
 
+    def next_wakeup(self) -> float | None:
+        """When the schedule next has work (a retransmission or a give-up), on this channel's clock."""
+        return min((min(o.next_due, o.deadline) for o in self._schedule.outgoing.values()), default=None)
+
     def retransmit_due(self) -> None:
         """Send again whatever waited too long for its receipt; give up on what passed its deadline."""
         self._schedule, resend, expired = due(self._schedule, self.policy, self._clock())

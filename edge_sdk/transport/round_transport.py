@@ -146,6 +146,18 @@ class RoundTransport:
                     self.bytes_in += len(data)
                 return out
 
+    def quiet(self, now: float) -> bool:
+        """True when ``poll(0)`` would do nothing: no input buffered, no retransmission or give-up due.
+
+        Why: a simulator driving hundreds of connections from one loop polls only the ones with
+        work after each pass, instead of walking every channel's schedule every few milliseconds.
+        Transports that cannot tell (no ``has_input``) are never quiet.
+        """
+        if self._broadcasts or getattr(self.inner, "has_input", True):
+            return False
+        wakeup = self.channel.next_wakeup()
+        return wakeup is None or wakeup > now
+
     def close(self) -> None:
         self.inner.close()
 
