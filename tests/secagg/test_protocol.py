@@ -179,7 +179,9 @@ def test_honest_but_curious_profile_unmasks_behind_only_t_signatures():
 
 
 def test_a_device_that_loses_more_than_k_minus_t_holders_before_sharing_sits_out_and_the_round_goes_on():
-    devices, fleet, config, inputs = setup(30, 12, 7)  # k - t = 5 spare holders: silencing 6 cascades little
+    # k - t = 5 spare holders. Silencing 6 devices can leave other devices short of t holders too (a
+    # cascade, which is correct); at n = 60 that is rare enough that most of the cohort still sums.
+    devices, fleet, config, inputs = setup(60, 12, 7)
     victim, adverts, holders = devices[5], {}, set()
 
     def learn(device, message):
@@ -199,7 +201,7 @@ def test_a_device_that_loses_more_than_k_minus_t_holders_before_sharing_sits_out
     outcome = run_session(fleet, config, inputs, downlink_hook=learn, uplink_hook=silence_holders)
     assert len(holders) == 6 and not outcome.aborted, outcome.abort_reason
     contributors = set(outcome.server.contributors)  # devices short of t holders sit out with the victim
-    assert victim not in contributors and not contributors & holders and len(contributors) >= 15
+    assert victim not in contributors and not contributors & holders and len(contributors) >= 40
     np.testing.assert_array_equal(outcome.result, exact_sum(inputs, contributors, 16))
 
 
