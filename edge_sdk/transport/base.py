@@ -22,8 +22,11 @@ class TransportError(FleetlearnError, ConnectionError):
 class Transport(Protocol):
     """Moves opaque payloads on topics; delivery is at least once at best, never guaranteed."""
 
-    def publish(self, topic: str, payload: bytes, *, retain: bool = False) -> None:
-        """Queue ``payload`` for ``topic``; returns without waiting for the broker."""
+    def publish(self, topic: str, payload: bytes, *, retain: bool = False) -> object:
+        """Queue ``payload`` for ``topic``; returns without waiting for the broker.
+
+        May return a handle for ``left(handle)`` (has the broker taken it yet?); None otherwise.
+        """
         ...
 
     def poll(self, timeout: float) -> list[tuple[str, bytes]]:

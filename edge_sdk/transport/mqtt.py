@@ -166,7 +166,8 @@ class MqttTransport:
 
     # -- Transport -------------------------------------------------------------------------------
 
-    def publish(self, topic: str, payload: bytes, *, retain: bool = False) -> None:
+    def publish(self, topic: str, payload: bytes, *, retain: bool = False) -> int:
+        """Queue a QoS 1 publish; returns its message id, for ``left``."""
         if self._closing:
             raise TransportError(f"MQTT transport {self.settings.client_id!r} is closed; open a new one")
         info = self._client.publish(topic, payload, qos=QOS, retain=retain, properties=self._publish_properties())
@@ -178,6 +179,11 @@ class MqttTransport:
         if info.rc not in (MQTTErrorCode.MQTT_ERR_SUCCESS, MQTTErrorCode.MQTT_ERR_NO_CONN):
             raise TransportError(f"MQTT publish on {topic!r} failed: {paho.error_string(info.rc)}")
         self._unacknowledged.add(info.mid)
+        return info.mid
+
+    def left(self, mid: int) -> bool:
+        """The broker acknowledged publish ``mid``: it is no longer waiting in this client's own queue."""
+        return mid not in self._unacknowledged
 
     def poll(self, timeout: float) -> list[tuple[str, bytes]]:
         """What arrived; ``poll(0)`` right after a pass of the shared loop takes that pass's reading."""

@@ -28,7 +28,14 @@ from edge_sdk.secagg.errors import SignatureError
 from edge_sdk.secagg.keys import IdentityKey
 from edge_sdk.transport.base import Transport
 from edge_sdk.transport.receipt import Receipt, decode_receipt, sign_receipt, verify_receipt
-from edge_sdk.transport.retransmission import RetransmitPolicy, RetransmitState, acknowledge, due, track
+from edge_sdk.transport.retransmission import (
+    RetransmitPolicy,
+    RetransmitState,
+    acknowledge,
+    due,
+    postpone,
+    track,
+)
 from edge_sdk.wire.chunking import Reassembler, parse_chunk, split
 from edge_sdk.wire.envelope import NO_SESSION, WIRE_VERSION, Envelope, MessageKind, decode_envelope, encode_envelope
 from edge_sdk.wire.errors import WireFormatError
@@ -97,6 +104,7 @@ class ReliableChannel:
         self._clock = clock
         self._next_sequence = secrets.randbits(_SEQUENCE_BITS) if first_sequence is None else first_sequence
         self._schedule = RetransmitState()
+        self._queued: dict[int, list[object]] = {}  # sequence -> publish handles the broker has not taken yet
         self._reassembler = Reassembler(limits)
         self._seen: dict[str, OrderedDict[tuple[bytes, MessageKind, int], bytes]] = {}
         self.gave_up: list[GaveUp] = []
@@ -115,8 +123,7 @@ class ReliableChannel:
         envelope = Envelope(WIRE_VERSION, kind, self.fleet, session, round_index, stage, self.me, sequence, payload)
         data = encode_envelope(envelope)
         chunks = tuple(split(data, self.max_payload))
-        for chunk in chunks:
-            self.transport.publish(topic, chunk)
+        self._queued[sequence] = [self.transport.publish(topic, chunk) for chunk in chunks]
         self.counters["sent"] += 1
         self.counters["chunks_sent"] += len(chunks)
         digest = parse_chunk(chunks[0], self.limits).digest  # split already hashed the envelope: not twice
@@ -135,18 +142,40 @@ class ReliableChannel:
         return min((min(o.next_due, o.deadline) for o in self._schedule.outgoing.values()), default=None)
 
     def retransmit_due(self) -> None:
-        """Send again whatever waited too long for its receipt; give up on what passed its deadline."""
-        self._schedule, resend, expired = due(self._schedule, self.policy, self._clock())
+        """Send again whatever waited too long for its receipt; give up on what passed its deadline.
+
+        The receipt timer of a message counts from when the broker took it: one still in this
+        client's own queue (a burst of thousands of chunks behind an in-flight window of 20) is
+        not lost, and sending it again would only lengthen the queue it waits in.
+        """
+        now = self._clock()
+        self._hold_queued(now)
+        self._schedule, resend, expired = due(self._schedule, self.policy, now)
         for entry in resend:
-            for chunk in entry.chunks:
-                self.transport.publish(entry.topic, chunk)
+            self._queued[entry.sequence] = [self.transport.publish(entry.topic, chunk) for chunk in entry.chunks]
             self.counters["retransmissions"] += 1
             log.debug("retransmitting sequence %d to %s (attempt %d)", entry.sequence, entry.to, entry.attempts)
         for entry in expired:
+            self._queued.pop(entry.sequence, None)
             self.gave_up.append(GaveUp(entry.sequence, entry.to, entry.topic, entry.attempts))
             self.counters["gave_up"] += 1
             log.warning("no receipt from %s for sequence %d on %s after %d attempts; gave up at its deadline",
                         entry.to, entry.sequence, entry.topic, entry.attempts)
+
+    def _hold_queued(self, now: float) -> None:
+        left = getattr(self.transport, "left", None)
+        if left is None:
+            self._queued.clear()
+            return
+        for sequence, handles in list(self._queued.items()):
+            entry = self._schedule.outgoing.get(sequence)
+            if entry is not None and (entry.next_due > now or now >= entry.deadline):
+                continue  # not due yet (checked when it is), or expiring anyway
+            if entry is None or all(h is None or left(h) for h in handles):
+                del self._queued[sequence]  # acknowledged, or the broker has it: its timer runs
+            else:
+                self._schedule = postpone(self._schedule, sequence, now + self.policy.wait(sequence, 0))
+                self.counters["retransmissions_held"] += 1
 
     # -- receiving -------------------------------------------------------------------------------
 
@@ -238,4 +267,6 @@ class ReliableChannel:
             return
         self._schedule, entry = acknowledge(self._schedule, sequence=receipt.sequence, digest=receipt.digest,
                                             receiver=receipt.receiver)
+        if entry is not None:
+            self._queued.pop(receipt.sequence, None)
         self.counters["receipts_accepted" if entry is not None else "receipts_stale"] += 1

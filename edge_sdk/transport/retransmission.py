@@ -90,6 +90,14 @@ def acknowledge(state: RetransmitState, *, sequence: int, digest: bytes, receive
     return RetransmitState(MappingProxyType(remaining)), entry
 
 
+def postpone(state: RetransmitState, sequence: int, until: float) -> RetransmitState:
+    """Wait for ``sequence``'s receipt until ``until``: it has not even reached the broker yet."""
+    entry = state.outgoing.get(sequence)
+    if entry is None:
+        return state
+    return RetransmitState(MappingProxyType({**state.outgoing, sequence: replace(entry, next_due=until)}))
+
+
 def due(state: RetransmitState, policy: RetransmitPolicy, now: float
         ) -> tuple[RetransmitState, list[Outgoing], list[Outgoing]]:
     """(state, messages to send again now, messages given up: past their deadline without a receipt)."""

@@ -45,8 +45,12 @@ class _Diverting:
         self.inner = inner
         self.owner = owner
 
-    def publish(self, topic: str, payload: bytes, *, retain: bool = False) -> None:
-        self.inner.publish(topic, payload, retain=retain)
+    def publish(self, topic: str, payload: bytes, *, retain: bool = False) -> object:
+        return self.inner.publish(topic, payload, retain=retain)
+
+    def left(self, handle: object) -> bool:
+        left = getattr(self.inner, "left", None)
+        return True if left is None else left(handle)
 
     def subscribe(self, pattern: str) -> None:
         self.inner.subscribe(pattern)
