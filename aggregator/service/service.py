@@ -60,6 +60,7 @@ from edge_sdk.transport.base import Transport
 from edge_sdk.transport.mqtt import STATUS_OFFLINE, STATUS_ONLINE
 from edge_sdk.transport.round_transport import RoundTransport
 from edge_sdk.wire.envelope import NO_SESSION, WIRE_VERSION, Envelope, MessageKind, encode_envelope
+from edge_sdk.wire.limits import DEFAULT_MAX_PAYLOAD_BYTES
 from edge_sdk.wire.topics import directory_topic, status_topic
 
 log = logging.getLogger("fleetlearn.aggregator")
@@ -130,10 +131,15 @@ class RoundSummary:
 
 
 class AggregatorService:
-    """The service over one connection; ``transport`` (an MQTT connection) is made from the config if not given."""
+    """The service over one connection; ``transport`` (an MQTT connection) is made from the config if not given.
+
+    ``max_payload`` is the largest MQTT payload it sends and expects (AWS IoT Core's 128 KiB by
+    default); its devices must chunk to the same size.
+    """
 
     def __init__(self, config: ServiceConfig, *, transport: Transport | None = None,
-                 clock: Callable[[], float] = time.monotonic, wall: Callable[[], float] = time.time) -> None:
+                 clock: Callable[[], float] = time.monotonic, wall: Callable[[], float] = time.time,
+                 max_payload: int = DEFAULT_MAX_PAYLOAD_BYTES) -> None:
         self.config = config
         self.clock = clock
         self.wall = wall
@@ -177,12 +183,12 @@ class AggregatorService:
         bits = config.privacy.bits
         padded = EncodingParams(self.layout.dim, 1.0, 1.0, bits, bytes(16)).padded_dim
         population = max(len(self.store.devices(include_revoked=True)), self.cohort_policy.invitations, 1)
-        self.limits = limits_for(padded, bits, population, 4 * self.layout.dim)
+        self.limits = limits_for(padded, bits, population, 4 * self.layout.dim, max_payload)
         if transport is None:
             transport = self._connect()
         self.transport = RoundTransport(transport, me=AGGREGATOR_ID, fleet=self.fleet, identity=self.identity,
                                         peer_key=lambda device: self.directory.get(device), limits=self.limits,
-                                        clock=clock)
+                                        max_payload=max_payload, clock=clock)
         self.router = Router(self.fleet, AGGREGATOR_ID, self.limits)
         self.endpoint = Endpoint(AGGREGATOR_ID, HostRound(), None, self.transport, self.router,
                                  self.handlers.as_mapping())

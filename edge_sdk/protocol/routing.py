@@ -21,7 +21,7 @@ from edge_sdk.errors import FleetlearnError
 from edge_sdk.protocol.messages import Decline, ModelRelease, Ready
 from edge_sdk.protocol.plan import RoundPlan, check_identifier
 from edge_sdk.wire.envelope import NO_SESSION, WIRE_VERSION, Envelope, MessageKind, decode_envelope, encode_envelope
-from edge_sdk.wire.limits import WireLimits
+from edge_sdk.wire.limits import DEFAULT_MAX_PAYLOAD_BYTES, WireLimits
 from edge_sdk.wire.secagg_payload import SECAGG_KINDS, body_sender_of, decode_secagg, encode_secagg
 from edge_sdk.wire.sender_check import check_sender
 from edge_sdk.wire.topics import (
@@ -173,7 +173,11 @@ def limits_for_plan(plan: RoundPlan, cohort_size: int) -> WireLimits:
     return limits_for(plan.vector_length, plan.encoding.bits, cohort_size, 4 * plan.encoding.dim)
 
 
-def limits_for(vector_length: int, bits: int, cohort_size: int, model_bytes: int) -> WireLimits:
-    """Wire limits from plain numbers; the model payload gets room for its signed header."""
+def limits_for(vector_length: int, bits: int, cohort_size: int, model_bytes: int,
+               max_payload_bytes: int = DEFAULT_MAX_PAYLOAD_BYTES) -> WireLimits:
+    """Wire limits from plain numbers; the model payload gets room for its signed header.
+
+    ``max_payload_bytes`` is the broker's per-message cap; smaller chunks mean more of them per message.
+    """
     return WireLimits.for_plan(vector_length=vector_length, bits=bits, cohort_size=cohort_size,
-                               model_bytes=model_bytes + 1024)
+                               model_bytes=model_bytes + 1024, max_payload_bytes=max_payload_bytes)
