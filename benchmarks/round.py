@@ -14,7 +14,13 @@ random vector instead of training). Measured by the service itself and read from
 The floor, in the same run and through the same broker: 100 publishers x 327,680 B at QoS 1 in
 128 KiB chunks to one subscriber (benchmarks/transport.py's ``raw_floor``). Medians over rounds.
 
-    python benchmarks/round.py [--n 10 100] [--d 10000 100000 1000000] [--rounds 3]
+    python benchmarks/round.py [--n 10 100] [--d 10000 100000 1000000] [--rounds 3] [--timeline] [--profile DIR]
+
+``--timeline`` prints when each round entered each stage and the devices' channel counters
+(retransmissions, duplicates); ``--profile DIR`` writes cProfile dumps of the aggregator process
+and of this (devices') process. Profiled 2026-12 at n = 100, d = 10^5: the devices' process is
+the bound, about 3.2 s CPU per round (Ed25519 verifies of neighbours' SecAgg+ signatures, DP noise,
+masking), so one Python process cannot simulate 100 devices in under a few seconds.
 """
 
 from __future__ import annotations
