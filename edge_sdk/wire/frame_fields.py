@@ -31,7 +31,10 @@ def check_id(value: str, field: str, max_bytes: int) -> bytes:
     if bad:
         raise WireFormatError(f"{field} {value!r} contains {bad[0]!r}: ids may not contain '+', '#', '/' or NUL "
                               "(they are MQTT topic levels)")
-    if any(c.isspace() or not c.isprintable() for c in value):
+    # str.isprintable is false for every separator but the ASCII space and for every control
+    # character, so this is "no whitespace, nothing unprintable" in two C-speed passes (a generator
+    # over the characters was 0.3 s of a 100-device round).
+    if not value.isprintable() or " " in value:
         raise WireFormatError(f"{field} {value!r} contains whitespace or an unprintable character: an id is also "
                               "a line of the broker's ACL, which splits on whitespace")
     try:
