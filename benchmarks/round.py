@@ -79,26 +79,7 @@ def _transport_benchmark():
 
 def start_mosquitto(directory: Path) -> tuple[subprocess.Popen, int]:
     """benchmarks/transport.py's broker plus ``set_tcp_nodelay true``, as `fleetlearn broker mosquitto-config` has."""
-    import pwd
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    config = directory / "mosquitto.conf"
-    config.write_text(f"user {pwd.getpwuid(os.geteuid()).pw_name}\nlistener {port} 127.0.0.1\n"
-                      "allow_anonymous true\nmax_queued_messages 1000\nmax_inflight_messages 20\n"
-                      "set_tcp_nodelay true\n")
-    binary = "/usr/sbin/mosquitto" if os.path.exists("/usr/sbin/mosquitto") else "mosquitto"
-    process = subprocess.Popen([binary, "-c", str(config)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    for _ in range(500):
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
-            return process, port
-        except OSError:
-            time.sleep(0.02)
-    process.kill()
-    sys.exit("mosquitto did not start")
+    return _transport_benchmark().start_mosquitto(directory, "set_tcp_nodelay true\n")
 
 
 class Devices:

@@ -39,7 +39,8 @@ PAYLOAD_BYTES = 128 * 1024
 FLEET = "bench"
 
 
-def start_mosquitto(directory: Path) -> tuple[subprocess.Popen, int]:
+def start_mosquitto(directory: Path, extra_config: str = "") -> tuple[subprocess.Popen, int]:
+    """A Mosquitto with its default queue limits on a free port; ``extra_config`` adds lines."""
     binary = "/usr/sbin/mosquitto" if os.path.exists("/usr/sbin/mosquitto") else shutil.which("mosquitto")
     if not binary:
         sys.exit("benchmarks/transport.py needs mosquitto (apt-get install mosquitto)")
@@ -48,7 +49,7 @@ def start_mosquitto(directory: Path) -> tuple[subprocess.Popen, int]:
         port = s.getsockname()[1]
     config = directory / "mosquitto.conf"
     config.write_text(f"user {pwd.getpwuid(os.geteuid()).pw_name}\nlistener {port} 127.0.0.1\n"
-                      "allow_anonymous true\nmax_queued_messages 1000\nmax_inflight_messages 20\n")
+                      "allow_anonymous true\nmax_queued_messages 1000\nmax_inflight_messages 20\n" + extra_config)
     process = subprocess.Popen([binary, "-c", str(config)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     for _ in range(500):
         try:
