@@ -26,6 +26,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from edge_sdk.errors import ConfigError
+from edge_sdk.wire.errors import WireFormatError
+from edge_sdk.wire.frame_fields import check_id
+from edge_sdk.wire.limits import MAX_ID_BYTES
 from edge_sdk.wire.topics import PREFIX, device_publications, device_subscriptions
 
 log = logging.getLogger(__name__)
@@ -60,9 +63,12 @@ class BrokerFiles:
 
 
 def _check_acl_id(value: str, what: str) -> None:
-    # An ACL line is "user <name>" / "topic <access> <topic>": whitespace would split it.
-    if not value or any(c.isspace() for c in value) or any(c in value for c in "+#/\0"):
-        raise BrokerConfigError(f"{what} {value!r} cannot appear in a Mosquitto ACL (no whitespace, '+', '#', '/')")
+    # An ACL line is "user <name>" / "topic <access> <topic>": the wire's one id rule already forbids
+    # whitespace and topic wildcards and separators, so an id the store accepts is one the ACL can hold.
+    try:
+        check_id(value, what, MAX_ID_BYTES)
+    except WireFormatError as exc:
+        raise BrokerConfigError(f"{exc}; it cannot appear in a Mosquitto ACL") from None
 
 
 def hash_password(password: str, salt: bytes | None = None) -> str:
