@@ -341,9 +341,9 @@ def _on_round_start(state: DeviceState, start: RoundStart, now: float) -> Step:
                                      ("vector length", start.vector_length, plan.vector_length)):
         if announced != planned:
             raise _Abort(f"the aggregator's RoundStart announces {name}={announced}, its signed plan says {planned}")
-    base = state.config.layout.flatten(state.config.layout.from_bytes(state.model.parameters))
+    params = state.config.layout.from_bytes(state.model.parameters)  # fresh copies: Train may change them
+    base = state.config.layout.flatten(params)
     new = replace(state, stage=DeviceStage.TRAIN, round_start=start, base=base, deadline=now + plan.deadlines.train)
-    params = state.config.layout.unflatten(base)
     return Step(new, (), (PersistRound("device", plan.round_id, DeviceStage.TRAIN.value), Train(plan, params)))
 
 
