@@ -8,7 +8,7 @@ and the bundle must train exactly that set of tensors.
 from __future__ import annotations
 
 import numpy as np
-from compiler_harness import GraphRunner, train_step, zero_state
+from torch_training import compiled_steps, torch_steps
 
 from aggregator.compiler import compile_graphs
 
@@ -30,23 +30,8 @@ def assert_trains_like_torch(torch, net, model, x: np.ndarray, y: np.ndarray, *,
     expected = {name for name, p in net.named_parameters() if p.requires_grad}
     assert {p.name for p in m.trainable} == expected, "the bundle must train exactly what PyTorch trains"
 
-    runner = GraphRunner(compiled.train_step)
-    params, state = dict(compiled.initial_params), zero_state(compiled)
-    for step in range(1, steps + 1):
-        out = train_step(compiled, runner, params, x, y, lr=lr, step=step, state=state)
-        params = {p.name: out[p.output] for p in m.trainable}
-        state = {s.input: out[s.output] for s in m.state}
-
-    trained = [p for p in net.parameters() if p.requires_grad]
-    opt = torch.optim.SGD(trained, lr=lr) if optimizer == "sgd" else torch.optim.Adam(trained, lr=lr, eps=1e-8)
-    tx, ty = torch.from_numpy(x), torch.from_numpy(y)
-    for _ in range(steps):
-        opt.zero_grad()
-        output = net(tx)
-        value = (torch.nn.functional.cross_entropy(output, ty) if loss == "cross_entropy"
-                 else torch.nn.functional.mse_loss(output, ty))
-        value.backward()
-        opt.step()
+    params, _ = compiled_steps(compiled, x, y, lr, steps)
+    torch_steps(torch, net, optimizer, x, y, lr, steps, loss=loss)
     reference = {name: p.detach().numpy() for name, p in net.named_parameters() if p.requires_grad}
     grads = {name: p.grad.numpy() for name, p in net.named_parameters() if p.requires_grad}
     for name, value in params.items():

@@ -15,16 +15,18 @@ def torch_optimizer(torch, net, optimizer: str, lr: float):
     return torch.optim.Adam(net.parameters(), lr=lr)
 
 
-def torch_steps(torch, net, optimizer: str, x: np.ndarray, y: np.ndarray, lr: float, steps: int) -> list[float]:
+def torch_steps(torch, net, optimizer: str, x: np.ndarray, y: np.ndarray, lr: float, steps: int,
+                loss: str = "cross_entropy") -> list[float]:
     """Train ``net`` in place on one batch; returns the loss before each step."""
     opt = torch_optimizer(torch, net, optimizer, lr)
+    criterion = torch.nn.functional.cross_entropy if loss == "cross_entropy" else torch.nn.functional.mse_loss
     losses = []
     for _ in range(steps):
         opt.zero_grad()
-        loss = torch.nn.functional.cross_entropy(net(torch.from_numpy(x)), torch.from_numpy(y))
-        loss.backward()
+        value = criterion(net(torch.from_numpy(x)), torch.from_numpy(y))
+        value.backward()
         opt.step()
-        losses.append(loss.item())
+        losses.append(value.item())
     return losses
 
 
