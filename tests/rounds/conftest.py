@@ -17,19 +17,10 @@ from aggregator.rounds.memory_fleet import MemoryFleet
 from aggregator.strategy import make_strategy
 from edge_sdk.privacy.encoding import EncodingParams
 from edge_sdk.privacy.ledger import DeviceLedger
+from edge_sdk.protocol.device_effects import DeviceEffectHandlers
 from edge_sdk.protocol.device_round import DeviceConfig
-from edge_sdk.protocol.effects import (
-    AccountRound,
-    CheckEligibility,
-    Eligibility,
-    Metric,
-    PersistModel,
-    PersistRound,
-    RecordParticipation,
-    Train,
-)
+from edge_sdk.protocol.effects import AccountRound, Metric, PersistModel, PersistRound, Train
 from edge_sdk.protocol.layout import ParameterLayout
-from edge_sdk.protocol.messages import DeclineReason
 from edge_sdk.protocol.plan import Sampling, SecAggPolicy, TrainingPlan
 from edge_sdk.protocol.routing import limits_for
 from edge_sdk.secagg.keys import IdentityKey
@@ -78,17 +69,8 @@ def build_small_fleet(tmp_path, n: int = 6, budget: float = 1e9) -> SmallFleet:
             flat = layout.flatten(effect.params) + steps[d]
             return layout.unflatten(flat)
 
-        def check(effect: CheckEligibility):
-            decision = ledgers[d].check(effect.event)
-            return Eligibility(decision.accepted, None if decision.accepted else DeclineReason.BUDGET, decision.reason)
-
-        def record(effect: RecordParticipation):
-            ledgers[d].record(effect.round_id, effect.event)
-            return ledgers[d].head()
-
-        ignore = lambda effect: None  # noqa: E731
-        return {Train: train, CheckEligibility: check, RecordParticipation: record, PersistRound: ignore,
-                PersistModel: ignore, Metric: ignore}
+        # The real ledger handlers (check, and record with its fsync); only training is replaced.
+        return {**DeviceEffectHandlers(None, None, ledgers[d]).as_mapping(), Train: train}
 
     host_config = HostConfig(FLEET, aggregator_key, enrolled, layout, make_strategy("fedavg"),
                              CohortPolicy(min_size=3, max_size=n, over_selection=0.0))
