@@ -24,19 +24,14 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
+from aggregator.compiler.grad_context import node_attrs
+
 log = logging.getLogger(__name__)
 
 # Output maps of at most this many positions per image are lowered (2x2: resnet's layer3 at 32x32).
 MAX_OUTPUT_POSITIONS = 4
 # Largest im2col matrix (input positions x output positions x live taps) worth a constant.
 MAX_GATHER_ENTRIES = 1 << 16
-
-
-def _attr(node: onnx.NodeProto, name: str, default=None):
-    for a in node.attribute:
-        if a.name == name:
-            return helper.get_attribute_value(a)
-    return default
 
 
 @dataclass(frozen=True)
@@ -52,13 +47,14 @@ class _Geometry:
 
 def _geometry(node: onnx.NodeProto, x_shape: tuple, w_shape: tuple, y_shape: tuple) -> _Geometry | None:
     rank = len(x_shape) - 2
-    auto_pad = _attr(node, "auto_pad", b"NOTSET")
+    attrs = node_attrs(node)
+    auto_pad = attrs.get("auto_pad", b"NOTSET")
     auto_pad = auto_pad.decode() if isinstance(auto_pad, bytes) else auto_pad
     if auto_pad not in ("NOTSET", "VALID"):
         return None
-    pads = [0] * 2 * rank if auto_pad == "VALID" else list(_attr(node, "pads", [0] * 2 * rank))
-    strides = list(_attr(node, "strides", [1] * rank))
-    dilations = list(_attr(node, "dilations", [1] * rank))
+    pads = [0] * 2 * rank if auto_pad == "VALID" else list(attrs.get("pads", [0] * 2 * rank))
+    strides = list(attrs.get("strides", [1] * rank))
+    dilations = list(attrs.get("dilations", [1] * rank))
     live = []
     for i in range(rank):
         size, kernel, out = x_shape[2 + i], w_shape[2 + i], y_shape[2 + i]
@@ -171,7 +167,7 @@ def lower_small_convolutions(
         x_shape = shapes.get(node.input[0]) if node.op_type == "Conv" else None
         w = float_inits.get(node.input[1]) if node.op_type == "Conv" else None
         y_shape = shapes.get(node.output[0]) if node.op_type == "Conv" else None
-        if (x_shape is None or w is None or y_shape is None or int(_attr(node, "group", 1)) != 1
+        if (x_shape is None or w is None or y_shape is None or int(node_attrs(node).get("group", 1)) != 1
                 or len(x_shape) < 3 or any(d is None for d in x_shape[1:]) or any(d is None for d in y_shape[1:])
                 or int(np.prod(y_shape[2:])) > MAX_OUTPUT_POSITIONS):
             nodes.append(node)
