@@ -6,7 +6,6 @@ bytes happen to match, so each type signs ``domain ‖ body`` with its own domai
 
 from __future__ import annotations
 
-from edge_sdk.protocol.fields import split_signature, with_signature
 from edge_sdk.secagg.keys import IdentityKey, verify_signature
 
 
@@ -19,5 +18,3 @@ def verify_body(domain: bytes, body: bytes, signature: bytes, public_key: bytes,
     """Raise ``SignatureError`` naming ``what`` unless ``signature`` covers ``domain ‖ body``."""
     verify_signature(public_key, signature, domain + body, what)
 
-
-__all__ = ["sign_body", "split_signature", "verify_body", "with_signature"]
