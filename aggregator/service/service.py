@@ -26,8 +26,8 @@ rate-limited (``RejectionLog``) and counted in the metrics.
 
 from __future__ import annotations
 
+import contextlib
 import logging
-import os
 import secrets
 import time
 from collections.abc import Callable
@@ -45,6 +45,7 @@ from aggregator.service.logs import ContextLogger, RejectionLog
 from aggregator.service.metrics import ServiceMetrics
 from aggregator.store import RoundRecord, RoundStatus, Store, open_store
 from aggregator.strategy import make_strategy
+from edge_sdk.device.state_dir import StateDirError, write_new_file
 from edge_sdk.errors import FleetlearnError
 from edge_sdk.privacy.encoding import EncodingParams
 from edge_sdk.privacy.noise_floor import honest_contributors
@@ -78,19 +79,8 @@ class ServiceError(FleetlearnError):
 def load_or_create_identity(path: Path) -> IdentityKey:
     """The aggregator's Ed25519 key (hex, 0600), made on first start and never replaced."""
     if not path.exists():
-        identity = IdentityKey.generate()
-        temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        with os.fdopen(fd, "w") as handle:
-            handle.write(identity.private.hex() + "\n")
-            handle.flush()
-            os.fsync(handle.fileno())
-        try:
-            os.link(temporary, path)  # refuses to replace a key another process just made
-        except FileExistsError:
-            pass
-        finally:
-            os.unlink(temporary)
+        with contextlib.suppress(StateDirError):  # another process just made the key: it is never replaced
+            write_new_file(path, IdentityKey.generate().private.hex().encode() + b"\n")
     if path.stat().st_mode & 0o077:
         raise ServiceError(f"{path} is readable by other users; chmod 600 it")
     text = path.read_text().strip()

@@ -47,7 +47,7 @@ def default_device_id() -> str:
     return socket.gethostname().split(".")[0] or "device"
 
 
-def _write_new_file(path: Path, data: bytes) -> None:
+def write_new_file(path: Path, data: bytes) -> None:
     """Write ``data`` to ``path`` (0600) atomically; an existing ``path`` is an error, never replaced."""
     temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
@@ -100,10 +100,10 @@ def create_identity(directory: Path, device_id: str) -> IdentityKey:
             f"{existing.identity.public.hex()}); its identity is never replaced"
         )
     identity = IdentityKey.generate()
-    _write_new_file(identity_path(directory), identity.private.hex().encode() + b"\n")
+    write_new_file(identity_path(directory), identity.private.hex().encode() + b"\n")
     device = json.dumps({"format": STATE_FORMAT, "device_id": device_id}, sort_keys=True).encode() + b"\n"
     (directory / DEVICE_FILE).unlink(missing_ok=True)  # only a crash between the two writes leaves one behind
-    _write_new_file(directory / DEVICE_FILE, device)
+    write_new_file(directory / DEVICE_FILE, device)
     return identity
 
 
@@ -169,7 +169,7 @@ def write_provisioning(directory: Path, provisioning: Provisioning) -> None:
     check_device_id(provisioning.fleet)
     data = json.dumps({"format": STATE_FORMAT, "fleet": provisioning.fleet,
                        "aggregator_public": provisioning.aggregator_public.hex()}, sort_keys=True).encode() + b"\n"
-    _write_new_file(directory / PROVISION_FILE, data)
+    write_new_file(directory / PROVISION_FILE, data)
 
 
 def load_provisioning(directory: str | os.PathLike[str]) -> Provisioning:
