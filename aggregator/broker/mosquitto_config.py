@@ -25,6 +25,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from edge_sdk.device.state_dir import write_new_file
 from edge_sdk.errors import ConfigError
 from edge_sdk.wire.errors import WireFormatError
 from edge_sdk.wire.frame_fields import check_id
@@ -159,13 +160,10 @@ def _write_atomic(path: Path, text: str, mode: int) -> None:
 def _secret(directory: Path, user: str) -> str:
     """The user's password, made once and kept in ``secrets/<user>`` (0600) for provisioning."""
     path = directory / SECRETS_DIR / user
-    if path.exists():
-        return path.read_text().strip()
-    password = secrets.token_urlsafe(24)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(fd, "w") as handle:
-        handle.write(password + "\n")
-    return password
+    if not path.exists():
+        # atomic: a crash mid-write must not leave an empty file that reads back as the password ""
+        write_new_file(path, secrets.token_urlsafe(24).encode() + b"\n")
+    return path.read_text().strip()
 
 
 def check_output_directory(directory: Path) -> None:
