@@ -447,12 +447,14 @@ def _close_advertise(state: ServerState, now: float) -> tuple[ServerState, Outgo
     if len(advertised) < 2:
         return _abort(state, f"only {len(advertised)} devices advertised keys; secure aggregation needs at least 2")
     # Devices that lost too many drawn holders before the roster cannot be unmasked: leave them out.
-    state = replace(state, holders=_draw_holders(state, advertised, params.degree))
+    drawn = _draw_holders(state, advertised, params.degree)
+    state = replace(state, holders=drawn)
     members = tuple(sorted(_keep_recoverable(state, set(advertised))))
     reason = _floor_or_threshold(state, members, "devices advertised keys with enough holders")
     if reason:
         return _abort(state, reason)
-    holders = _draw_holders(state, members, params.degree)
+    member_set = set(members)  # a subset of the advertised: narrow the draws, do not redraw them
+    holders = {u: tuple(h for h in drawn[u] if h in member_set) for u in members}
     partners = mask_partners(holders, members)
     directory = state.config.enrolled
     shared = Roster("", state.round_index, state.round_nonce, state.config.bits, state.config.vector_length,
