@@ -317,6 +317,11 @@ def _keep_recoverable(state: ServerState, candidates: set[str]) -> set[str]:
         kept -= short
 
 
+def _drew(state: ServerState, holder: str) -> set[str]:
+    """The members that drew ``holder`` to hold their shares: all among its mask partners, so O(k^2)."""
+    return {v for v in state.partners[holder] if holder in state.holders[v]}
+
+
 def _floor_or_threshold(state: ServerState, devices: set[str] | tuple, what: str) -> str | None:
     reason = _below_threshold(state, devices, what)
     if reason:
@@ -376,7 +381,7 @@ def _on_masked_input(state: ServerState, message: object) -> ServerState:
         )
     if np.any(message.masked > modulus_mask(state.config.bits)):
         raise ProtocolViolationError(f"masked input from {sender!r} has entries >= 2^{state.config.bits}")
-    shared_with = {v for v in state.u2 if sender in state.holders[v]}
+    shared_with = _drew(state, sender) & set(state.u2)
     if not set(message.rejected) <= shared_with:
         raise ProtocolViolationError(f"{sender!r} rejects shares from devices that never sent it one")
     if len(message.ledger_head) != LEDGER_HEAD_BYTES:
@@ -517,10 +522,11 @@ def _close_consistency(state: ServerState, now: float) -> tuple[ServerState, Out
     signers = u4[:quorum]
     bitmap = to_bitmap(state.members, signers)
     signatures = tuple(state.consistency[d] for d in signers)
-    u3, dropped = set(state.u3), set(state.u2) - set(state.u3)
+    u2, u3 = set(state.u2), set(state.u3)
+    dropped = u2 - u3
     requests = {}
     for u in u4:
-        held = {v for v in state.u2 if u in state.holders[v]} - set(state.accusations.get(u, ()))
+        held = (_drew(state, u) & u2) - set(state.accusations.get(u, ()))
         requests[u] = codec.sign(
             UnmaskRequest(u, state.session_id, state.round_index, bitmap, signatures,
                           tuple(sorted((held & u3) | {u})), tuple(sorted(held & dropped))),
