@@ -19,13 +19,14 @@ from typing import Any
 
 import numpy as np
 
+from edge_sdk.privacy.ledger_head import LedgerHead
 from edge_sdk.secagg import messages as m
 from edge_sdk.secagg.errors import MessageFormatError
 from edge_sdk.secagg.keys import SIGNATURE_BYTES, IdentityKey, verify_signature
 from edge_sdk.secagg.shamir import SHARE_BYTES
 from edge_sdk.secagg.share_cipher import NONCE_BYTES
 
-LEDGER_HEAD_BYTES = 40  # u64 sequence number and the SHA-256 of the ledger's last record
+LEDGER_HEAD_BYTES = LedgerHead.SIZE  # u64 sequence number and the SHA-256 of the ledger's last record
 
 SIGNING_DOMAIN = b"fleetlearn/secagg/v1/signed\x00"
 MAX_ID_BYTES = 128
