@@ -17,11 +17,11 @@ $(PY):
 	$(PY) -m pip install --quiet --upgrade pip
 
 $(DEMO_STAMP): pyproject.toml | $(PY)
-	$(PY) -m pip install --quiet -e '.[host,demo]'
+	$(PY) -m pip install --quiet -e '.[host,sim,demo]'
 	touch $@
 
 $(FULL_STAMP): pyproject.toml | $(PY)
-	$(PY) -m pip install --quiet -e '.[host,demo,dev,torch]'
+	$(PY) -m pip install --quiet -e '.[host,sim,demo,dev,torch]'
 	touch $@ $(DEMO_STAMP)
 
 test: $(FULL_STAMP)
