@@ -32,7 +32,8 @@ class Scenario:
 
     devices: int = 100
     rounds: int = 20
-    bundle: Path | None = None  # a compiled training bundle; None compiles the digits model into the run dir
+    bundle: Path | None = None  # a compiled training bundle; None compiles ``model`` into the run dir
+    model: str = "mlp"  # a name from ``aggregator.simulator.models`` (used when bundle is None)
     dataset: str = "digits"  # "digits" (scikit-learn's), or a path to an .npz with x and y
     partition: str = "dirichlet"  # "iid", "dirichlet" (alpha) or "shards" (shards_per_device label-sorted shards)
     alpha: float = 0.5
