@@ -39,6 +39,7 @@ AGGREGATOR_USER = "fleetlearn-aggregator"
 PBKDF2_ITERATIONS = 101  # mosquitto_passwd's default for $7$
 SALT_BYTES = 12
 CONF_FILE, ACL_FILE, PASSWORD_FILE, SECRETS_DIR = "mosquitto.conf", "acl", "passwords", "secrets"
+CRL_FILE = "crl.pem"  # the name `fleetlearn broker certs` writes its CRL under, beside ca.pem
 
 
 class BrokerConfigError(ConfigError):
@@ -47,11 +48,22 @@ class BrokerConfigError(ConfigError):
 
 @dataclass(frozen=True)
 class TlsFiles:
-    """The broker's TLS: the CA that signed client certificates, and the broker's own certificate and key."""
+    """The broker's TLS: the CA that signed client certificates, and the broker's own certificate and key.
+
+    ``crl``: the CA's revocation list (``fleetlearn broker certs`` writes ``crl.pem`` beside ``ca.pem``);
+    Mosquitto then refuses a revoked device's certificate at the TLS handshake.
+    """
 
     ca: Path
     cert: Path
     key: Path
+    crl: Path | None = None
+
+    @classmethod
+    def with_crl_beside_ca(cls, ca: Path, cert: Path, key: Path) -> TlsFiles:
+        """These files, with the ``crl.pem`` next to the CA certificate when there is one."""
+        crl = ca.with_name(CRL_FILE)
+        return cls(ca, cert, key, crl if crl.is_file() else None)
 
 
 @dataclass(frozen=True)
@@ -126,6 +138,8 @@ def conf_text(directory: Path, port: int, bind: str, tls: TlsFiles | None, clien
     else:
         lines += [f"cafile {tls.ca.resolve()}", f"certfile {tls.cert.resolve()}", f"keyfile {tls.key.resolve()}",
                   "tls_version tlsv1.2"]
+        if tls.crl is not None:
+            lines.append(f"crlfile {tls.crl.resolve()}")
         if client_certs:
             lines += ["require_certificate true", "use_identity_as_username true"]
     return "\n".join(lines) + "\n"

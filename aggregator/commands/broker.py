@@ -38,6 +38,61 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="the user Mosquitto runs as when started as root (it must be able to read --out)")
     config.add_argument("--max-queued-messages", type=integer_at_least(1), default=1000,
                         help="Mosquitto's per-client queue limit (default 1000, Mosquitto's own)")
+    _add_certs_arguments(sub)
+
+
+def _add_certs_arguments(sub) -> None:
+    certs = sub.add_parser("certs", help="a pilot PKI: CA, broker, aggregator and device certificates, and a CRL")
+    certs.add_argument("--out", required=True, metavar="DIR",
+                       help="a new or empty directory, or one this command wrote before (files there are kept)")
+    certs.add_argument("--fleet", required=True, help="the fleet id (names the CA)")
+    who = certs.add_mutually_exclusive_group(required=True)
+    who.add_argument("--store", metavar="PATH",
+                     help="the aggregator's store: a certificate for every enrolled device, revoked ones on the CRL")
+    who.add_argument("--device", action="append", metavar="ID", help="a device to certify (repeat for more)")
+    certs.add_argument("--broker-host", action="append", metavar="NAME",
+                       help="a DNS name or IP address of the broker, for its certificate (repeat; default "
+                            "localhost and 127.0.0.1)")
+    certs.add_argument("--days", type=integer_at_least(1), default=365,
+                       help="validity of new certificates and of the CRL (default 365; rerun before the CRL expires)")
+    certs.add_argument("--revoke", action="append", default=[], metavar="ID",
+                       help="put this device's certificate on the CRL (repeat for more)")
+    certs.add_argument("--aggregator-user", default="fleetlearn-aggregator",
+                       help="the aggregator's broker user, its certificate's CN (default fleetlearn-aggregator)")
+
+
+def _run_certs(args: argparse.Namespace) -> int:
+    from aggregator.broker.certificates import DEFAULT_HOSTS, CertificateError, write_pki
+    from aggregator.store import StoreError, open_store
+
+    devices, revoked = list(args.device or []), list(args.revoke)
+    if args.store is not None:
+        store_path = Path(args.store)
+        if not store_path.is_file():
+            raise StoreError(f"--store {args.store}: no store there; enrol devices first with "
+                             "`fleetlearn aggregator enrol`")
+        with open_store(store_path) as store:
+            records = store.devices(include_revoked=True)
+        devices = [d.device_id for d in records if d.active]
+        active = set(devices)
+        refused = [device for device in revoked if device in active]
+        if refused:
+            raise CertificateError(f"--revoke {refused[0]}: the device is active in --store; revoke it there first "
+                                   "with `fleetlearn aggregator revoke`")
+        revoked = sorted({*revoked, *(d.device_id for d in records if not d.active)})
+    report = write_pki(Path(args.out), args.fleet, devices, revoked=revoked,
+                       hosts=args.broker_host or DEFAULT_HOSTS, days=args.days, aggregator_user=args.aggregator_user)
+    new = sum(issued.new for issued in report.devices.values())
+    out = Path(args.out)
+    sys.stdout.write(
+        f"wrote the PKI of fleet {args.fleet} into {out}: {len(report.devices)} device certificate(s) ({new} new), "
+        f"{len(report.revoked)} revoked on {report.crl_path.name}"
+        + (f" ({len(report.revoked_without_certificate)} revoked device(s) had no certificate here)"
+           if report.revoked_without_certificate else "")
+        + f"; configure the broker with: fleetlearn broker mosquitto-config --client-certs --tls-ca {out / 'ca.pem'} "
+        f"--tls-cert {report.server.cert_path} --tls-key {report.server.key_path} ...\n"
+    )
+    return 0
 
 
 def _tls(args: argparse.Namespace):
@@ -52,10 +107,12 @@ def _tls(args: argparse.Namespace):
     for name, value in given.items():
         if not Path(value).is_file():
             raise BrokerConfigError(f"{name} {value}: no such file")
-    return TlsFiles(Path(args.tls_ca), Path(args.tls_cert), Path(args.tls_key))
+    return TlsFiles.with_crl_beside_ca(Path(args.tls_ca), Path(args.tls_cert), Path(args.tls_key))
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.broker_command == "certs":
+        return _run_certs(args)
     from aggregator.broker.mosquitto_config import write
     from aggregator.store import StoreError, open_store
 
