@@ -219,3 +219,29 @@ class EmbeddedBroker:
             error = outcome["error"]
             raise error if isinstance(error, EmbeddedBrokerError) else EmbeddedBrokerError(str(error))
         self.port = outcome["port"]
+
+
+def serve_forever(host: str, port: int, *, max_connections: int = 0, log_level: str = "WARNING",
+                  on_ready=None) -> None:
+    """Run the broker in this process, in the foreground, until SIGTERM or SIGINT (``fleetlearn broker run``).
+
+    ``on_ready(url)`` is called once it accepts connections; a port in use or a bad address is an
+    ``EmbeddedBrokerError`` naming it.
+    """
+    amqtt_version()
+    import asyncio
+
+    from aggregator.broker.amqtt_server import ServerSettings, quiet_amqtt, serve
+
+    quiet_amqtt(log_level)
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        stop = asyncio.Event()
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(signum, stop.set)
+        shown = f"[{host}]" if ":" in host else host
+        await serve(ServerSettings(host, port, max_connections), stop,
+                    lambda bound: on_ready and on_ready(f"mqtt://{shown}:{bound}"))
+
+    asyncio.run(main())

@@ -39,6 +39,37 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     config.add_argument("--max-queued-messages", type=integer_at_least(1), default=1000,
                         help="Mosquitto's per-client queue limit (default 1000, Mosquitto's own)")
     _add_certs_arguments(sub)
+    _add_run_arguments(sub)
+
+
+def _add_run_arguments(sub) -> None:
+    embedded = sub.add_parser("run", help="run the embedded MQTT broker (amqtt, MQTT 3.1.1) in the foreground")
+    embedded.add_argument("--bind", default="127.0.0.1",
+                          help="listen address (default 127.0.0.1; 0.0.0.0 serves other machines, but without TLS "
+                               "or passwords: a trusted network only)")
+    embedded.add_argument("--port", type=integer_at_least(0), default=1883,
+                          help="listen port (default 1883; 0: any free one)")
+    embedded.add_argument("--max-connections", type=integer_at_least(0), default=0,
+                          help="connections served at once; more wait for a free slot (default 0: no limit)")
+    embedded.add_argument("--log-level", default="WARNING", choices=["DEBUG", "INFO", "WARNING", "ERROR"],
+                          help="amqtt's own log level (default WARNING)")
+
+
+def _run_embedded(args: argparse.Namespace) -> int:
+    from aggregator.broker.embedded import EmbeddedBrokerError, amqtt_version, serve_forever
+
+    if args.port > 65535:
+        raise EmbeddedBrokerError(f"--port {args.port}: a port is from 0 to 65535")
+
+    def ready(url: str) -> None:
+        sys.stdout.write(f"fleetlearn broker: serving {url} (embedded amqtt {amqtt_version()}, MQTT 3.1.1); "
+                         "SIGTERM or Ctrl-C stops it\n")
+        sys.stdout.flush()
+
+    serve_forever(args.bind, args.port, max_connections=args.max_connections, log_level=args.log_level,
+                  on_ready=ready)
+    sys.stdout.write("fleetlearn broker: stopped\n")
+    return 0
 
 
 def _add_certs_arguments(sub) -> None:
@@ -113,6 +144,8 @@ def _tls(args: argparse.Namespace):
 def run(args: argparse.Namespace) -> int:
     if args.broker_command == "certs":
         return _run_certs(args)
+    if args.broker_command == "run":
+        return _run_embedded(args)
     from aggregator.broker.mosquitto_config import write
     from aggregator.store import StoreError, open_store
 
