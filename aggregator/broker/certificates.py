@@ -135,12 +135,15 @@ def _public_bytes(key) -> bytes:
     return key.public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
 
 
-def _check_existing(path: Path, cert: x509.Certificate, key: ec.EllipticCurvePrivateKey, common_name: str,
+def _check_existing(path: Path, cert: x509.Certificate, key: ec.EllipticCurvePrivateKey, common_name: str | None,
                     ca: Authority | None) -> None:
-    """An existing certificate must belong to its key, name the subject, come from the CA and be valid now."""
+    """An existing certificate must belong to its key, name the subject, come from the CA and be valid now.
+
+    ``common_name`` None: the broker's, which is checked by its SANs instead (clients match those, not the CN).
+    """
     if _public_bytes(cert.public_key()) != _public_bytes(key.public_key()):
         raise CertificateError(f"{path} does not match its key {path.with_suffix('.key')}; move both away to reissue")
-    if _common_name(cert) != common_name:
+    if common_name is not None and _common_name(cert) != common_name:
         raise CertificateError(f"{path} is for CN {_common_name(cert)!r}, not {common_name!r}; move it away")
     if ca is not None:
         try:
@@ -211,7 +214,7 @@ def _issue(directory: Path, stem: str, common_name: str, ca: Authority, days: in
     sans = [parse_host(h) for h in server_hosts] if server_hosts is not None else None
     if cert_path.exists():
         cert = _load_cert(cert_path)
-        _check_existing(cert_path, cert, key, common_name, ca)
+        _check_existing(cert_path, cert, key, None if sans is not None else common_name, ca)
         if sans is not None:
             have = set(cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value)
             missing = [h for h, name in zip(server_hosts, sans, strict=True) if name not in have]
