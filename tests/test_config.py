@@ -1,48 +1,39 @@
-"""Device profiles load, and invalid ones fail with a message naming the field."""
+"""``load_profile``: a bundled name, an old name, or a path; what it cannot read is named.
 
-import json
+The validation of every key is in tests/test_profiles.py.
+"""
 
 import pytest
 
-from edge_sdk.config import PROFILES_DIR, DeviceProfile, load_profile
+from edge_sdk.config import ALIASES, PROFILES_DIR, ProfileError, bundled_profiles, load_profile
 from edge_sdk.errors import ConfigError
 
 
-@pytest.mark.parametrize("name", sorted(p.stem for p in PROFILES_DIR.glob("*.json")))
-def test_every_bundled_profile_loads_and_fits_its_memory(name):
-    profile = load_profile(name)
-    assert profile.name == name
-    assert profile.threads <= 4 and profile.memory_mb >= 512
+def test_a_profile_error_is_a_config_error():
+    assert issubclass(ProfileError, ConfigError)
 
 
-def test_bundled_profiles_exist():
-    assert {"pi-zero-2w", "pi4-2gb", "pi5-8gb"} <= {p.stem for p in PROFILES_DIR.glob("*.json")}
+def test_every_alias_names_a_shipped_profile():
+    assert set(ALIASES.values()) <= set(bundled_profiles())
 
 
-@pytest.mark.parametrize(
-    ("override", "field"),
-    [({"threads": 0}, "threads"), ({"batch_size": -1}, "batch_size"), ({"threads": True}, "threads"),
-     ({"epsilon_budget": 0.0}, "epsilon_budget"), ({"delta": 1.0}, "delta")],
-)
-def test_invalid_profile_field_is_named(override, field):
-    with pytest.raises(ConfigError, match=field):
-        DeviceProfile.from_dict({"name": "x", "memory_mb": 512, **override})
+def test_profile_from_a_path_with_any_suffix_or_none(tmp_path):
+    text = (PROFILES_DIR / "pi-4.toml").read_text().replace('name = "pi-4"', 'name = "lab-pi"')
+    for name in ("lab.toml", "lab.conf"):
+        (tmp_path / name).write_text(text)
+        assert load_profile(tmp_path / name).name == "lab-pi"
+    (tmp_path / "plain").write_text(text)
+    assert load_profile(str(tmp_path / "plain")).name == "lab-pi"  # a directory part makes it a path
 
 
-def test_unknown_and_missing_fields_are_named(tmp_path):
-    with pytest.raises(ConfigError, match="thread_count"):
-        DeviceProfile.from_dict({"name": "x", "memory_mb": 512, "thread_count": 2})
-    with pytest.raises(ConfigError, match="memory_mb"):
-        DeviceProfile.from_dict({"name": "x"})
-    bad = tmp_path / "bad.json"
-    bad.write_text("{not json")
-    with pytest.raises(ConfigError, match="not valid JSON"):
-        load_profile(bad)
-    with pytest.raises(ConfigError, match="pi4-2gb"):
-        load_profile("no-such-device")
-
-
-def test_profile_from_file_path(tmp_path):
-    path = tmp_path / "custom.json"
-    path.write_text(json.dumps({"name": "custom", "memory_mb": 1024, "threads": 2}))
-    assert load_profile(path).threads == 2
+@pytest.mark.parametrize(("make", "message"), [
+    (lambda p: None, "no such file"),
+    (lambda p: p.mkdir(), "no such file"),
+    (lambda p: p.write_bytes(b"\xff\xfe[board]"), "cannot read it"),
+])
+def test_what_cannot_be_read_is_named(tmp_path, make, message):
+    path = tmp_path / "device.toml"
+    make(path)
+    with pytest.raises(ProfileError, match=message) as caught:
+        load_profile(path)
+    assert str(path) in str(caught.value)

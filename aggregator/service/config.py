@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import math
 import os
-import sys
+import tomllib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,11 +23,6 @@ from edge_sdk.modulus import MAX_BITS, MIN_BITS
 from edge_sdk.privacy.modes import PrivacyMode
 from edge_sdk.privacy.noise import NOISE_MECHANISMS
 from edge_sdk.secagg.parameters import ThreatModel
-
-if sys.version_info >= (3, 11):
-    import tomllib
-else:  # pragma: no cover - Python 3.10 hosts take the same parser from its backport
-    import tomli as tomllib
 
 T = TypeVar("T")
 _REQUIRED = object()

@@ -67,9 +67,10 @@ def add_bundle_arguments(parser: argparse.ArgumentParser, data_help: str) -> Non
     parser.add_argument("bundle", metavar="BUNDLE", help="training bundle directory (from `fleetlearn compile`)")
     parser.add_argument("--data", required=True, metavar="FILE.npz", help=data_help)
     parser.add_argument(
-        "--profile", metavar="NAME|FILE.json",
-        help="device profile (bundled: pi-zero-2w, pi4-2gb, pi5-8gb) supplying --threads and --batch-size "
-             "defaults; explicit options win",
+        "--profile", metavar="NAME|FILE.toml",
+        help="device profile (bundled: pi-zero-2w, pi-3b-plus, pi-4, pi-5, jetson-orin-nano, generic-x86) "
+             "supplying --threads and --batch-size defaults (explicit options win) and the batch-size and "
+             "memory limits",
     )
     parser.add_argument(
         "--threads", type=thread_count,

@@ -29,8 +29,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     init.add_argument("--device-id", metavar="ID", help="with --state-dir: the device id (default: the host name)")
     init.add_argument("--ledger", metavar="PATH",
                       help="the ledger file to create (default with --state-dir: DIR/privacy.ledger)")
-    init.add_argument("--profile", metavar="NAME|FILE.json",
-                      help="take the budget from this device profile's epsilon_budget and delta")
+    init.add_argument("--profile", metavar="NAME|FILE.toml",
+                      help="take the budget from this device profile's [privacy] epsilon_budget and delta")
     init.add_argument("--epsilon", type=finite_float(0.0, exclusive=True), help="the budget epsilon (> 0)")
     init.add_argument("--delta", type=float, help="the budget delta, in (0, 1)")
     init.add_argument("--fleet", metavar="ID", help="with --state-dir: the fleet this device joins")
@@ -44,22 +44,28 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     budget.add_argument("--json", action="store_true", help="print one JSON object instead of text")
     agent = sub.add_parser("run", help="run the agent: wait for plans, train, privatise, mask and upload, round "
                            "after round (SIGTERM stops it cleanly)")
-    agent.add_argument("--profile", required=True, metavar="NAME|FILE.json", help="the device profile (threads)")
+    agent.add_argument("--profile", required=True, metavar="NAME|FILE.toml",
+                       help="the device profile: threads, memory budget, batch-size limit, MQTT keepalive, TLS paths "
+                       "and eligibility rules (the options below override its TLS and eligibility)")
     agent.add_argument("--state-dir", required=True, metavar="DIR", help="made by `fleetlearn device init`")
     agent.add_argument("--broker", required=True, metavar="URL", help="mqtt://host:port or mqtts://host:port")
     agent.add_argument("--bundle", metavar="DIR", help="the training bundle (default: DIR/bundle)")
     agent.add_argument("--data", metavar="FILE.npz", help="the local training data, x and y (default: DIR/data.npz)")
-    agent.add_argument("--tls-ca", metavar="FILE", help="the CA that signed the broker's certificate")
-    agent.add_argument("--tls-cert", metavar="FILE", help="this device's client certificate (mTLS)")
-    agent.add_argument("--tls-key", metavar="FILE", help="its private key")
+    agent.add_argument("--tls-ca", metavar="FILE", help="the CA that signed the broker's certificate "
+                       "(default: the profile's [tls] ca)")
+    agent.add_argument("--tls-cert", metavar="FILE", help="this device's client certificate (mTLS; default: the "
+                       "profile's [tls] cert)")
+    agent.add_argument("--tls-key", metavar="FILE", help="its private key (default: the profile's [tls] key)")
     agent.add_argument("--username", metavar="NAME", help="broker user name (default: none)")
     agent.add_argument("--password-file", metavar="FILE", help="a file holding the broker password")
     agent.add_argument("--rounds", type=int, metavar="N", help="stop after N rounds ended here (default: never)")
     for name, what in (("--min-battery", "minimum battery percent on battery"),
                        ("--max-cpu-celsius", "maximum CPU temperature"),
                        ("--max-load-per-cpu", "maximum 1-minute load per CPU (idleness)")):
-        agent.add_argument(name, type=_number_or_off, metavar="X|off", help=f"eligibility: {what} ('off': no rule)")
-    agent.add_argument("--require-charging", action="store_true", help="eligibility: only on mains or charging")
+        agent.add_argument(name, type=_number_or_off, metavar="X|off",
+                           help=f"eligibility: {what} ('off': no rule; default: the profile's [eligibility])")
+    agent.add_argument("--require-charging", action="store_true",
+                       help="eligibility: only on mains or charging (default: the profile's require_charging)")
 
 
 def _number_or_off(text: str) -> float | str:
@@ -195,32 +201,73 @@ def _budget(args: argparse.Namespace) -> int:
     return 0
 
 
+def agent_settings(args: argparse.Namespace):
+    """``device run``'s options over its profile: TLS and eligibility options win, the rest is the profile's."""
+    from dataclasses import replace
+
+    from edge_sdk.config import load_profile
+    from edge_sdk.device.agent import AgentSettings
+
+    profile = load_profile(args.profile)
+    state_dir = Path(args.state_dir)
+    bundle = Path(args.bundle) if args.bundle else state_dir / "bundle"
+    password = Path(args.password_file).read_text().strip() if args.password_file else None
+    options = {"min_battery_percent": args.min_battery, "max_cpu_celsius": args.max_cpu_celsius,
+               "max_load_per_cpu": args.max_load_per_cpu}
+    policy = replace(profile.eligibility.policy(),
+                     **{k: None if v == "off" else v for k, v in options.items() if v is not None})
+    if args.require_charging:
+        policy = replace(policy, require_charging=True)
+    ca, cert, key = _tls_files(args, profile)
+    return AgentSettings(state_dir=state_dir, broker_url=args.broker, bundle=bundle,
+                         data=Path(args.data) if args.data else state_dir / "data.npz",
+                         threads=profile.threads, policy=policy, username=args.username, password=password,
+                         ca_file=ca, cert_file=cert, key_file=key, keepalive_s=profile.mqtt.keepalive_s,
+                         max_batch_size=_batch_limit(profile, bundle))
+
+
 def _run_agent(args: argparse.Namespace) -> int:
     import logging
     import signal
 
-    from edge_sdk.config import load_profile
-    from edge_sdk.device.agent import AgentSettings, DeviceAgent, policy_from_options
+    from edge_sdk.device.agent import DeviceAgent
 
     logging.getLogger().setLevel(min(logging.getLogger().level, logging.INFO))
-    profile = load_profile(args.profile)
-    state_dir = Path(args.state_dir)
-    password = Path(args.password_file).read_text().strip() if args.password_file else None
-    policy = policy_from_options({"min_battery_percent": args.min_battery, "max_cpu_celsius": args.max_cpu_celsius,
-                                  "max_load_per_cpu": args.max_load_per_cpu})
-    if args.require_charging:
-        from dataclasses import replace
-
-        policy = replace(policy, require_charging=True)
-    settings = AgentSettings(state_dir=state_dir, broker_url=args.broker,
-                             bundle=Path(args.bundle) if args.bundle else state_dir / "bundle",
-                             data=Path(args.data) if args.data else state_dir / "data.npz",
-                             threads=profile.threads, policy=policy, username=args.username, password=password,
-                             ca_file=args.tls_ca, cert_file=args.tls_cert, key_file=args.tls_key)
+    settings = agent_settings(args)
     stopping: list[int] = []
     signal.signal(signal.SIGTERM, lambda signum, frame: stopping.append(signum))
     agent = DeviceAgent(settings)
     return agent.run(lambda: bool(stopping), max_rounds=args.rounds)
+
+
+def _tls_files(args: argparse.Namespace, profile) -> tuple[str | None, str | None, str | None]:
+    """--tls-* where given, else the profile's [tls] paths; a profile path that is missing is named now."""
+    from edge_sdk.config import ProfileError
+
+    files = []
+    for option, given, key in (("--tls-ca", args.tls_ca, "ca"), ("--tls-cert", args.tls_cert, "cert"),
+                               ("--tls-key", args.tls_key, "key")):
+        path = getattr(profile.tls, key)
+        if given is None and path is not None and not path.is_file():
+            raise ProfileError(f"{profile.source}: [tls] {key} = {str(path)!r}: no such file (or give {option})")
+        files.append(given if given is not None else None if path is None else str(path))
+    return files[0], files[1], files[2]
+
+
+def _batch_limit(profile, bundle: Path) -> int:
+    """The largest plan batch size this device accepts: the profile's limit, lowered to what fits its memory."""
+    from edge_sdk.config import ProfileError
+    from edge_sdk.training.working_set import estimate, largest_batch_within, read_manifest
+
+    manifest = read_manifest(bundle)
+    if manifest is None:
+        return profile.training.max_batch_size  # opening the bundle names what is wrong with it
+    fits = largest_batch_within(manifest, profile.runtime.memory_budget_mb, profile.training.max_batch_size)
+    if fits == 0:
+        raise ProfileError(f"bundle {bundle} needs at least {estimate(manifest, 1).describe()} at batch size 1, "
+                           f"above profile {profile.name}'s [runtime] memory_budget_mb "
+                           f"{profile.runtime.memory_budget_mb} ({profile.source}): it does not fit this board")
+    return fits
 
 
 def run(args: argparse.Namespace) -> int:

@@ -61,6 +61,9 @@ def run(args: argparse.Namespace) -> int:
     if batch_size is None:
         raise ConfigError("--batch-size is required without --profile")
     threads = args.threads or (profile.threads if profile else 1)
+    if profile is not None:
+        profile.check_batch_size(batch_size)
+        profile.check_memory(args.bundle, batch_size)
     config = TrainConfig(epochs=args.epochs, batch_size=batch_size, lr=args.lr, seed=args.seed,
                          shuffle=not args.no_shuffle)
     session = ModelSession.open(args.bundle, threads=threads)

@@ -109,6 +109,8 @@ class AgentSettings:
     ca_file: str | None = None
     cert_file: str | None = None
     key_file: str | None = None
+    keepalive_s: int = 60
+    max_batch_size: int | None = None  # the profile's limit, lowered to what fits its memory budget
     sys_root: Path = Path("/sys")
     proc_root: Path = Path("/proc")
 
@@ -170,6 +172,7 @@ class DeviceAgent:
         s = self.settings
         return MqttTransport(MqttSettings(s.broker_url, self.device_id, username=s.username, password=s.password,
                                           ca_file=s.ca_file, cert_file=s.cert_file, key_file=s.key_file,
+                                          keepalive_s=s.keepalive_s,
                                           status_topic=status_topic(self.fleet, self.device_id)))
 
     def _peer_key(self, party: str) -> bytes | None:
@@ -198,6 +201,10 @@ class DeviceAgent:
         decision = self.ledger.check(effect.event)
         if not decision.accepted:
             return Eligibility(False, DeclineReason.BUDGET, decision.reason)
+        batch, limit = effect.plan.training.batch_size, self.settings.max_batch_size
+        if limit is not None and batch > limit:
+            return Eligibility(False, DeclineReason.PLAN_REFUSED, f"batch size {batch} is above this device's "
+                               f"limit {limit} (its profile's max_batch_size and memory budget)")
         verdict = evaluate(self.settings.policy, read_conditions(self.settings.sys_root, self.settings.proc_root))
         if not verdict.eligible:
             return Eligibility(False, DeclineReason.INELIGIBLE, verdict.detail)
