@@ -6,19 +6,14 @@ holds the device's key: pi-a's certificate cannot publish as pi-b.
 
 from __future__ import annotations
 
-import ipaddress
 import ssl
 import subprocess
 from pathlib import Path
 
 import paho.mqtt.client as paho
 import pytest
-from cryptography import x509
-from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import ExtendedKeyUsageOID
-from transport.certificates import _issue, _name, _write_key
 
+from aggregator.broker.certificates import issue_client, issue_server, load_or_create_ca
 from aggregator.store import open_store
 from edge_sdk.cli import main
 from edge_sdk.secagg.keys import IdentityKey
@@ -31,21 +26,14 @@ class Pki:
 
     def __init__(self, directory: Path) -> None:
         self.directory = directory
-        self.ca_key = ec.generate_private_key(ec.SECP256R1())
-        self.ca = _issue("fleetlearn broker test CA", self.ca_key, _name("fleetlearn broker test CA"), self.ca_key,
-                         ca=True)
+        self.ca = load_or_create_ca(directory, FLEET)[0]
         self.ca_path = directory / "ca.pem"
-        self.ca_path.write_bytes(self.ca.public_bytes(serialization.Encoding.PEM))
-        self.server = self.issue("localhost", ExtendedKeyUsageOID.SERVER_AUTH,
-                                 [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))])
+        server = issue_server(directory, self.ca, ["localhost", "127.0.0.1"])
+        self.server = (str(server.cert_path), str(server.key_path))
 
-    def issue(self, common_name: str, usage=ExtendedKeyUsageOID.CLIENT_AUTH, san=None) -> tuple[str, str]:
-        key = ec.generate_private_key(ec.SECP256R1())
-        cert = _issue(common_name, key, self.ca.subject, self.ca_key, ca=False, usage=usage, san=san)
-        cert_path, key_path = self.directory / f"{common_name}.pem", self.directory / f"{common_name}.key"
-        cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-        _write_key(key, key_path)
-        return str(cert_path), str(key_path)
+    def issue(self, common_name: str) -> tuple[str, str]:
+        issued = issue_client(self.directory, self.ca, common_name, common_name)
+        return str(issued.cert_path), str(issued.key_path)
 
 
 @pytest.mark.skipif(not MOSQUITTO.exists(), reason="mosquitto is not installed (apt-get install mosquitto)")
