@@ -40,6 +40,7 @@ import numpy as np
 from aggregator.rounds.cohort import CohortPolicy, invite
 from aggregator.rounds.host_round import HostConfig, HostRound, HostStage, HostState, draft_plan, start_host_round
 from aggregator.service.config import ServiceConfig, ServiceConfigError
+from aggregator.service.flood_guard import FloodGuard, FloodGuardedTransport, FloodLimits
 from aggregator.service.host_effects import HostEffectHandlers
 from aggregator.service.logs import ContextLogger, RejectionLog
 from aggregator.service.metrics import ServiceMetrics
@@ -176,6 +177,9 @@ class AggregatorService:
         self.limits = limits_for(padded, bits, population, 4 * self.layout.dim, max_payload)
         if transport is None:
             transport = self._connect()
+        # every raw message passes the per-sender flood limit before the channel reassembles or decodes it
+        transport = self.flood = FloodGuardedTransport(transport, FloodGuard(FloodLimits.for_wire(self.limits), clock),
+                                                       self.fleet)
         self.transport = RoundTransport(transport, me=AGGREGATOR_ID, fleet=self.fleet, identity=self.identity,
                                         peer_key=lambda device: self.directory.get(device), limits=self.limits,
                                         max_payload=max_payload, clock=clock)
@@ -403,7 +407,9 @@ class AggregatorService:
     # -- receiving -------------------------------------------------------------------------------
 
     def _deliver(self, timeout: float) -> None:
-        for topic, data in self.transport.poll(timeout):
+        messages = self.transport.poll(timeout)
+        self._count_flood_refusals()
+        for topic, data in messages:
             try:
                 received = self.router.incoming(topic, data)
             except FleetlearnError as exc:
@@ -426,6 +432,14 @@ class AggregatorService:
             if device in self.directory:
                 self.logger.info("device %s is %s", device, status.decode(errors="replace"),
                                  extra={"device": device})
+
+    def _count_flood_refusals(self) -> None:
+        """Raw messages the flood guard dropped unread (over a sender's rate, or on a topic we do not use)."""
+        refusals = self.flood.refusals
+        while refusals:
+            refusal = refusals.popleft()
+            self.metrics.rejected(refusal.reason)
+            self.rejections.reject(refusal.reason, f"{refusal.topic}: {refusal.detail}", device=refusal.sender)
 
     def _log_refusals(self, state: HostState, seen: int, rlog: ContextLogger) -> int:
         for refusal in state.refusals[seen:]:
