@@ -143,6 +143,8 @@ def test_no_certificate_or_another_cas_certificate_cannot_connect(fleet, tmp_pat
 
 
 def test_a_revoked_devices_certificate_is_refused_after_sighup_and_after_a_sigkill_restart(fleet):
+    conf = (fleet.conf_dir / "mosquitto.conf").read_text()
+    assert f"crlfile {(fleet.pki / 'crl.pem').resolve()}\n" in conf  # found beside --tls-ca
     aggregator = fleet.connect(AGGREGATOR)
     aggregator.subscribe(f"{BASE}/up/#")
     pi_b = fleet.connect("pi-b")  # connected before the revocation
