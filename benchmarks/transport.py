@@ -8,8 +8,11 @@ Prints medians (s) and the ratio for:
     verified receipt.
 Mosquitto runs on a free port with its default queue limits (max_queued_messages 1000,
 max_inflight_messages 20); 300 payloads fit them, so nothing is dropped in either row.
+The same two rows then run through the embedded amqtt broker (``aggregator.broker.embedded``), in
+its own process (the default) and, with ``--amqtt-thread``, also in a thread of this process,
+and the table gives each row's ratio to Mosquitto's.
 
-Run: .venv/bin/python benchmarks/transport.py [--repeats N]
+Run: .venv/bin/python benchmarks/transport.py [--repeats N] [--no-amqtt] [--amqtt-thread]
 """
 
 from __future__ import annotations
@@ -130,24 +133,42 @@ def reliable(url: str, repeats: int) -> list[float]:
     return times
 
 
+def measure(url: str, repeats: int) -> tuple[float, float]:
+    """Median seconds of the raw floor and of ReliableChannel through the broker at ``url``."""
+    return statistics.median(raw_floor(url, repeats)), statistics.median(reliable(url, repeats))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--no-amqtt", action="store_true", help="Mosquitto only")
+    parser.add_argument("--amqtt-thread", action="store_true", help="also amqtt in a thread of this process")
     args = parser.parse_args()
+    results: dict[str, tuple[float, float]] = {}
     with tempfile.TemporaryDirectory() as tmp:
         broker, port = start_mosquitto(Path(tmp))
         try:
-            url = f"mqtt://127.0.0.1:{port}"
-            floor = statistics.median(raw_floor(url, args.repeats))
-            channel = statistics.median(reliable(url, args.repeats))
+            print("mosquitto")
+            results["Mosquitto"] = measure(f"mqtt://127.0.0.1:{port}", args.repeats)
         finally:
             broker.terminate()
             broker.wait(10)
+    if not args.no_amqtt:
+        from aggregator.broker.embedded import EmbeddedBroker
+
+        for in_thread in (False, True) if args.amqtt_thread else (False,):
+            with EmbeddedBroker(in_thread=in_thread) as embedded:
+                print(embedded.description)
+                where = "thread" if in_thread else "process"
+                results[f"amqtt {embedded.version}, own {where}"] = measure(embedded.url, args.repeats)
+    floor_ref, channel_ref = results["Mosquitto"]
     print(f"{PUBLISHERS} publishers x {MESSAGE_BYTES:,} B, QoS 1, {PAYLOAD_BYTES // 1024} KiB payloads -> 1 subscriber "
           f"(medians of {args.repeats})")
-    print(f"{'case':<44}{'median s':>10}{'ratio':>8}")
-    print(f"{'raw paho publish (floor)':<44}{floor:>10.3f}{1.0:>8.2f}")
-    print(f"{'ReliableChannel (chunks, receipts, dedup)':<44}{channel:>10.3f}{channel / floor:>8.2f}")
+    print(f"{'broker':<28}{'case':<44}{'median s':>10}{'/ floor':>9}{'/ Mosquitto':>13}")
+    for name, (floor, channel) in results.items():
+        print(f"{name:<28}{'raw paho publish (floor)':<44}{floor:>10.3f}{1.0:>9.2f}{floor / floor_ref:>13.2f}")
+        print(f"{name:<28}{'ReliableChannel (chunks, receipts, dedup)':<44}{channel:>10.3f}{channel / floor:>9.2f}"
+              f"{channel / channel_ref:>13.2f}")
 
 
 if __name__ == "__main__":

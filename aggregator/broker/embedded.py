@@ -87,6 +87,11 @@ class EmbeddedBroker:
         return self._thread is not None and self._thread.is_alive()
 
     @property
+    def version(self) -> str:
+        """The amqtt version serving (known once started)."""
+        return self._version
+
+    @property
     def url(self) -> str:
         self._check_started()
         host = f"[{self.host}]" if ":" in self.host else self.host
