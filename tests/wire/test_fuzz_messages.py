@@ -37,6 +37,8 @@ def _load(name: str):
     return module
 
 
+pytestmark = pytest.mark.slow  # hypothesis: a few seconds per test
+
 golden = _load("wire_make_golden")
 plans = _load("round_plan_make_golden")
 KEY = IdentityKey(bytes(range(32)))
