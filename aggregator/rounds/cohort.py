@@ -10,6 +10,7 @@ the fleet does not stampede the next plan.
 from __future__ import annotations
 
 import math
+import random
 import secrets
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -36,12 +37,15 @@ class CohortPolicy:
         return math.ceil(self.max_size * (1.0 + self.over_selection) - 1e-9)
 
 
-def invite(available: Sequence[str], policy: CohortPolicy) -> tuple[str, ...]:
-    """Choose whom the plan invites: a uniformly random subset (OS CSPRNG) of ``policy.invitations``, sorted."""
+def invite(available: Sequence[str], policy: CohortPolicy, rng: random.Random | None = None) -> tuple[str, ...]:
+    """Choose whom the plan invites: a uniformly random subset of ``policy.invitations``, sorted.
+
+    ``rng`` defaults to the OS CSPRNG; the simulator passes a seeded one so its cohorts follow the seed.
+    """
     pool = sorted(set(available))
     if len(pool) < policy.min_size:
         raise ConfigError(f"only {len(pool)} devices are available, below the minimum cohort of {policy.min_size}")
-    chosen = secrets.SystemRandom().sample(pool, min(len(pool), policy.invitations))
+    chosen = (rng or secrets.SystemRandom()).sample(pool, min(len(pool), policy.invitations))
     return tuple(sorted(chosen))
 
 

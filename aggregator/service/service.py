@@ -28,9 +28,10 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import random
 import secrets
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -130,8 +131,9 @@ class AggregatorService:
 
     def __init__(self, config: ServiceConfig, *, transport: Transport | None = None,
                  clock: Callable[[], float] = time.monotonic, wall: Callable[[], float] = time.time,
-                 max_payload: int = DEFAULT_MAX_PAYLOAD_BYTES) -> None:
+                 max_payload: int = DEFAULT_MAX_PAYLOAD_BYTES, randomness: random.Random | None = None) -> None:
         self.config = config
+        self.randomness = randomness  # SIMULATION ONLY (a seeded cohort and rotation seed); None: the OS CSPRNG
         self.clock = clock
         self.wall = wall
         self.skew = 0.0  # added to the machine's clock when the shell closes a stage of vanished devices early
@@ -281,6 +283,20 @@ class AggregatorService:
             self._deliver(POLL_S)
         return False
 
+    def wait_online(self, devices: Collection[str], timeout: float, stop: Callable[[], bool] = lambda: False) -> bool:
+        """Publish the directory and serve the connection until every one of ``devices`` is online.
+
+        For a driver that runs rounds itself (the simulator): ``run`` waits only for ``cohort_min``.
+        """
+        end = self.clock() + timeout
+        while not stop() and self.clock() < end:
+            self._refresh_directory()
+            statuses = self.transport.statuses
+            if all(statuses.get(d) == STATUS_ONLINE for d in devices):
+                return True
+            self._deliver(POLL_S)
+        return False
+
     def _refresh_directory(self) -> None:
         version = directory_version(self.store)
         if version == self.published_directory:
@@ -309,7 +325,7 @@ class AggregatorService:
             sampling = Sampling.self_selected(cfg.rounds.self_probability)
             expected = min(len(available), self.cohort_policy.max_size)
         else:
-            invited = invite(available, self.cohort_policy)
+            invited = invite(available, self.cohort_policy, rng=self.randomness)
             sampling = Sampling.server(invited)
             expected = min(len(invited), self.cohort_policy.max_size)
         plan = self._draft(host, round_index, sampling, expected)
@@ -362,7 +378,7 @@ class AggregatorService:
         cfg, p = self.config, self.config.privacy
         z, gamma, t_honest = self._calibration(cohort)
         encoding = EncodingParams(dim=self.layout.dim, clip=p.clip, gamma=gamma, bits=p.bits,
-                                  rotation_seed=secrets.token_bytes(16))
+                                  rotation_seed=self._rotation_seed())
         t = cfg.training
         d = cfg.deadlines
         return draft_plan(
@@ -373,6 +389,11 @@ class AggregatorService:
             secagg=SecAggPolicy(threat_model=p.threat_model, dropout_fraction=p.dropout, colluding_fraction=p.colluding,
                                 stage_timeout=d.secagg_stage),
             deadlines=StageDeadlines(ready=d.ready, train=d.train), check_back_after=cfg.rounds.check_back_after)
+
+    def _rotation_seed(self) -> bytes:
+        if self.randomness is None:
+            return secrets.token_bytes(16)
+        return self.randomness.getrandbits(128).to_bytes(16, "big")
 
     def _calibration(self, cohort: int) -> tuple[float, float, int]:
         """(noise multiplier, gamma, t_honest) for a cohort of ``cohort``, calibrated once per size."""

@@ -14,7 +14,12 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from aggregator.strategy.registry import STRATEGIES
 from edge_sdk.errors import ConfigError
+from edge_sdk.modulus import MAX_BITS, MIN_BITS
+from edge_sdk.privacy.modes import PrivacyMode
+from edge_sdk.privacy.noise import NOISE_MECHANISMS
+from edge_sdk.secagg.parameters import ThreatModel
 
 # The stages at which a device can drop out or crash, in protocol order. TRAIN: after the plan was
 # answered, before the advert (local training); then the SecAgg+ stages a device sends in.
@@ -90,6 +95,15 @@ class Scenario:
         need(self.epsilon > 0 and math.isfinite(self.epsilon), "epsilon", "need a finite epsilon > 0")
         need(0 < self.delta < 1, "delta", "need 0 < delta < 1")
         need(self.clip > 0 and math.isfinite(self.clip), "clip", "need a finite clip > 0")
+        need(MIN_BITS <= self.bits <= MAX_BITS, "bits", f"need {MIN_BITS} <= bits <= {MAX_BITS}")
+        need(self.mechanism in NOISE_MECHANISMS, "mechanism", f"choose one of {', '.join(sorted(NOISE_MECHANISMS))}")
+        modes = [m.value for m in PrivacyMode]
+        need(self.privacy_mode in modes, "privacy_mode", f"choose one of {', '.join(modes)}")
+        threats = [t.value for t in ThreatModel]
+        need(self.threat_model in threats, "threat_model", f"choose one of {', '.join(threats)}")
+        need(0 <= self.colluding < 1, "colluding", "need a fraction in [0, 1)")
+        need(0 <= self.expected_dropout < 1, "expected_dropout", "need a fraction in [0, 1)")
+        need(self.strategy in STRATEGIES, "strategy", f"choose one of {', '.join(sorted(STRATEGIES))}")
         need(self.local_epochs >= 1, "local_epochs", "need at least 1")
         need(self.batch_size >= 1, "batch_size", "need at least 1")
         need(self.lr > 0 and math.isfinite(self.lr), "lr", "need a finite learning rate > 0")
@@ -97,8 +111,19 @@ class Scenario:
         need(self.cohort is None or 2 <= self.cohort <= self.devices, "cohort", "need 2 <= cohort <= devices")
         need(self.seed >= 0, "seed", "need a seed >= 0")
         need(self.workers >= 1, "workers", "need at least 1 worker process")
+        if self.broker is not None:
+            from edge_sdk.transport.mqtt import BrokerAddress
+
+            try:
+                BrokerAddress.parse(self.broker)
+            except ConfigError as exc:
+                raise ScenarioError(f"broker: {exc}") from None
+        if self.bundle is not None and not (Path(self.bundle) / "manifest.json").is_file():
+            raise ScenarioError(f"bundle={str(self.bundle)!r}: not a training bundle (no manifest.json in it)")
         i, n = self.shard
         need(n >= 1 and 0 <= i < n, "shard", "need i/N with 0 <= i < N")
+        need(n == 1 or self.broker is not None, "shard",
+             "a fleet spread over machines needs one shared broker: give broker (--broker mqtt://HOST:PORT)")
         object.__setattr__(self, "dropout", dict(self.dropout))
         object.__setattr__(self, "crash", dict(self.crash))
 

@@ -116,13 +116,22 @@ class AgentSettings:
 
 
 class DeviceAgent:
-    """One device's agent over one broker connection (``transport`` is made from the settings if not given)."""
+    """One device's agent over one broker connection (``transport`` is made from the settings if not given).
+
+    A simulator runs many agents in one process: it passes one shared ``session`` (the model's
+    graphs hold no device state) and one shared ``training`` state (the train handler sets the
+    round's parameters before every training, and training runs to completion inside one call),
+    each agent's own in-memory ``dataset``, and transports on one ``MqttLoop``. ``noise_seed`` is
+    for simulation only (``DeviceConfig.noise_seed``). ``fleetlearn device run`` passes none of them.
+    """
 
     def __init__(self, settings: AgentSettings, transport: Transport | None = None,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.monotonic, *, session: Any = None, training: Any = None,
+                 dataset: Any = None, noise_seed: bytes | None = None) -> None:
         from edge_sdk.training import ModelSession, TrainingState, load_dataset_npz, prepare_dataset
 
         self.settings = settings
+        self.noise_seed = noise_seed
         self.clock = clock
         directory = settings.state_dir
         state = load_state(directory)
@@ -132,9 +141,13 @@ class DeviceAgent:
         self.fleet = provisioning.fleet
         self.aggregator_public = provisioning.aggregator_public
         self.ledger = DeviceLedger.open(state.ledger_path, create=False)
-        self.session = ModelSession.open(settings.bundle, threads=settings.threads)  # one session for the model
-        self.training = TrainingState(self.session)
-        self.data = prepare_dataset(self.session.manifest, *load_dataset_npz(settings.data))
+        if session is None:
+            session = ModelSession.open(settings.bundle, threads=settings.threads)  # one session for the model
+        self.session = session
+        self.training = training if training is not None else TrainingState(self.session)
+        if dataset is None:
+            dataset = prepare_dataset(self.session.manifest, *load_dataset_npz(settings.data))
+        self.data = dataset
         self.layout = ParameterLayout.of(self.training.get_params())
         self.memory_path = directory / MEMORY_FILE
         self.memory = AgentMemory.load(self.memory_path)
@@ -145,8 +158,7 @@ class DeviceAgent:
         self.limits = limits_for(padded, MAX_BITS, MAX_DIRECTORY, 4 * self.layout.dim)
         if transport is None:
             transport = self._connect()
-        self.transport = RoundTransport(transport, me=self.device_id, fleet=self.fleet, identity=self.identity,
-                                        peer_key=self._peer_key, limits=self.limits, clock=clock)
+        self.transport = self._round_transport(transport)
         self.router = Router(self.fleet, self.device_id, self.limits)
         base = DeviceEffectHandlers(self.training, self.data, self.ledger)
         self.handlers = {**base.as_mapping(), CheckEligibility: self._check, PersistRound: self._persist_round,
@@ -175,6 +187,21 @@ class DeviceAgent:
                                           keepalive_s=s.keepalive_s,
                                           status_topic=status_topic(self.fleet, self.device_id)))
 
+    def _round_transport(self, inner: Transport) -> RoundTransport:
+        return RoundTransport(inner, me=self.device_id, fleet=self.fleet, identity=self.identity,
+                              peer_key=self._peer_key, limits=self.limits, clock=self.clock)
+
+    def reconnect(self, inner: Transport) -> None:
+        """Carry on over a new connection (the old one was lost): subscribe again, forget the old channel.
+
+        Unicasts still unacknowledged on the old connection are dropped with it; the round they
+        belonged to is over for this device (a newer plan supersedes it).
+        """
+        self.transport = self._round_transport(inner)
+        self.endpoint.transport = self.transport
+        self.endpoint.subscribed = False
+        self.endpoint.subscribe()
+
     def _peer_key(self, party: str) -> bytes | None:
         return self.aggregator_public if party == AGGREGATOR_ID else None
 
@@ -189,7 +216,7 @@ class DeviceAgent:
 
     def _config(self) -> DeviceConfig:
         return DeviceConfig(self.fleet, self.device_id, self.identity, self.aggregator_public,
-                            self.directory.directory, self.layout)
+                            self.directory.directory, self.layout, noise_seed=self.noise_seed)
 
     def _fresh_state(self) -> None:
         memory = DeviceMemory(self.memory.last_round, self.memory.model_version, self.memory.model_digest)
@@ -247,6 +274,21 @@ class DeviceAgent:
         state = self.endpoint.state
         if DeviceRound.finished(state):
             self._round_over(state)
+
+    def idle(self, now: float) -> bool:
+        """True when ``step(0)`` would do nothing now: no input, no retransmission, deadline or check-back due.
+
+        Why: one process driving hundreds of agents on one ``MqttLoop`` steps only those with work.
+        """
+        if not self.transport.quiet(now):
+            return False
+        if self.waiting_plan is not None and self.check_back_at is not None and now >= self.check_back_at:
+            return False
+        state: DeviceState | None = self.endpoint.state
+        if state is None:
+            return True
+        deadline = DeviceRound.deadline(state)
+        return (deadline is None or now < deadline) and not DeviceRound.finished(state)
 
     def run(self, stop: Callable[[], bool], max_rounds: int | None = None) -> int:
         """Run until ``stop()`` (SIGTERM) or ``max_rounds`` rounds ended here; closes the connection."""

@@ -30,6 +30,7 @@ the plan's own terms aborts. A device declined, not selected or timed out record
 from __future__ import annotations
 
 import enum
+import hashlib
 import logging
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
@@ -90,6 +91,11 @@ class DeviceConfig:
     layout: ParameterLayout
     colluding_fraction: float = 0.05  # this device's own assumption, whatever the plan says
     threat_model: ThreatModel = ThreatModel.ACTIVE  # the weakest aggregator model this device accepts
+    # SIMULATION ONLY: derive each round's DP noise generator from sha256(noise_seed || round index) instead
+    # of the OS, so a simulated fleet with a seed reproduces its report (in any fleet, under any run id). A
+    # deployed device leaves this None: a predictable generator would let anyone who knows the seed subtract
+    # the noise.
+    noise_seed: bytes | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "enrolled", Directory.of(self.enrolled))
@@ -347,6 +353,14 @@ def _on_round_start(state: DeviceState, start: RoundStart, now: float) -> Step:
     return Step(new, (), (PersistRound("device", plan.round_id, DeviceStage.TRAIN.value), Train(plan, params)))
 
 
+def _noise_generator(cfg: DeviceConfig, plan: RoundPlan) -> np.random.Generator:
+    """The OS-seeded generator, or (simulation only, ``noise_seed`` set) one derived from the seed and round."""
+    if cfg.noise_seed is None:
+        return fresh_noise_generator()
+    digest = hashlib.sha256(cfg.noise_seed + plan.round_index.to_bytes(8, "big")).digest()
+    return np.random.Generator(np.random.PCG64(int.from_bytes(digest[:16], "big")))
+
+
 def _on_trained(state: DeviceState, result: Any, now: float) -> Step:
     if state.stage is not DeviceStage.TRAIN:
         return Step(state)
@@ -356,7 +370,7 @@ def _on_trained(state: DeviceState, result: Any, now: float) -> Step:
     try:
         update = cfg.layout.flatten(result) - state.base
         vector = encode_update(update, plan.encoding, noise_mechanism(plan.mechanism),
-                               plan.participation_event().local_variance, fresh_noise_generator())
+                               plan.participation_event().local_variance, _noise_generator(cfg, plan))
     except FleetlearnError as exc:
         return _aborted(state, f"the update could not be encoded: {exc}", now)
     # The device's own assumptions decide what it accepts; a device that allows the weaker model follows the plan.

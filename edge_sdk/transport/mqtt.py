@@ -24,6 +24,7 @@ import random
 import socket
 import ssl
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import unquote, urlsplit
@@ -160,6 +161,9 @@ class MqttTransport:
         self._connected = False
         self.last_error: str | None = None
         self.connects = 0
+        # called after every connect but the first, once subscriptions are re-sent: a broker that restarted
+        # without persistence lost the retained messages, which only their publisher can put back
+        self.on_reconnect: Callable[[], None] | None = None
         self._client = self._make_client()
         self._loop.attach(self)
         self._try_connect()
@@ -218,6 +222,21 @@ class MqttTransport:
         self._closed = True
         self._connected = False
         self._client._sock_close()  # noqa: SLF001 - paho has no public close for a never-looped client
+        self._loop.detach(self)
+        if self._owns_loop:
+            self._loop.close()
+
+    def drop(self) -> None:
+        """Close the socket without DISCONNECT, as a crash or a lost network would: the broker publishes the will.
+
+        For fault injection (the simulator); ``close`` is the clean way out. The transport is closed after it.
+        """
+        if self._closed:
+            return
+        self._closing = True
+        self._closed = True
+        self._connected = False
+        self._client._sock_close()  # noqa: SLF001 - no DISCONNECT packet: that is the point
         self._loop.detach(self)
         if self._owns_loop:
             self._loop.close()
@@ -349,6 +368,8 @@ class MqttTransport:
             self._send_subscribe(pattern)
         if self.settings.status_topic:
             self.publish(self.settings.status_topic, STATUS_ONLINE, retain=True)
+        if self.connects > 1 and self.on_reconnect is not None:
+            self.on_reconnect()
 
     def _on_disconnect(self, client: paho.Client, userdata: Any, flags: Any, reason: Any, properties: Any) -> None:
         self._connected = False
