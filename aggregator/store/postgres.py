@@ -242,7 +242,7 @@ class PostgresStore(Store):
                 migration = MIGRATIONS[version - 1]
                 for statement in migration.statements:
                     try:
-                        self._execute(statement)
+                        self._connection().execute(statement)  # errors other than this are translated by transaction()
                     except errors.DuplicateTable as exc:
                         raise StoreError(
                             f"store {self.where}: {exc.diag.message_primary}, but not made by fleetlearn's "
