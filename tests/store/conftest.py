@@ -36,11 +36,13 @@ def open_backend(backend: str, location: Path | str) -> Store:
 def postgres_admin() -> Iterator[object]:
     """A connection to the test database for creating and dropping schemas; skips if there is none."""
     psycopg = pytest.importorskip("psycopg")
+    from aggregator.store.postgres import describe_dsn
+
     try:
         conn = psycopg.connect(POSTGRES_DSN, autocommit=True, connect_timeout=5)
     except psycopg.Error as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        pytest.skip(f"PostgreSQL is not installed or not running at {POSTGRES_DSN} "
+        pytest.skip(f"PostgreSQL is not installed or not running at {describe_dsn(POSTGRES_DSN)} "
                     f"(set FLEETLEARN_TEST_POSTGRES): {first}")
     conn.execute("SET lock_timeout = '30s'")
     yield conn
