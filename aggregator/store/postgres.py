@@ -162,10 +162,15 @@ class PostgresStore(Store):
         self._requested_schema = schema
         self._conn: psycopg.Connection[tuple[Any, ...]] | None = None
         self._depth = 0
+        self._closed = False
         self._connect()
-        self.schema: str = schema if schema is not None else self._current_schema()
-        self.where = f"{self.where} schema {self.schema}"
-        self._migrate()
+        try:
+            self.schema: str = schema if schema is not None else self._current_schema()
+            self.where = f"{self.where} schema {self.schema}"
+            self._migrate()
+        except BaseException:
+            self.close()
+            raise
 
     # -- lifetime and transactions -------------------------------------------------------------
     def _connect(self) -> None:
@@ -184,6 +189,8 @@ class PostgresStore(Store):
 
     def _connection(self) -> psycopg.Connection[tuple[Any, ...]]:
         """The open connection; outside a transaction a lost one is replaced (nothing was pending on it)."""
+        if self._closed:
+            raise StoreError(f"store {self.where} was closed; open it again")
         if self._conn is None or self._conn.closed or self._conn.broken:
             if self._depth:
                 raise StoreError(f"store {self.where}: the connection was lost inside a transaction; nothing of it "
@@ -195,6 +202,7 @@ class PostgresStore(Store):
         return self._conn
 
     def close(self) -> None:
+        self._closed = True
         if self._conn is not None:
             self._conn.close()
 

@@ -305,6 +305,8 @@ def test_a_lost_connection_is_a_store_error_and_the_next_call_reconnects(postgre
             store.devices()
         store.enrol("pi-d", IdentityKey.generate().public, now=4.0)
         assert [d.device_id for d in store.devices()] == ["pi-a", "pi-d"]
+    with pytest.raises(StoreError, match="was closed"):  # a closed store does not quietly reconnect
+        store.devices()
 
 
 def test_column_types_hold_what_the_records_hold(postgres_admin, postgres_schema):
