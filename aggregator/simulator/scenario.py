@@ -118,6 +118,8 @@ class Scenario:
                 BrokerAddress.parse(self.broker)
             except ConfigError as exc:
                 raise ScenarioError(f"broker: {exc}") from None
+        if self.dataset != "digits" and not Path(self.dataset).is_file():
+            raise ScenarioError(f"dataset={self.dataset!r}: not 'digits' and not an existing .npz file with x and y")
         if self.bundle is not None and not (Path(self.bundle) / "manifest.json").is_file():
             raise ScenarioError(f"bundle={str(self.bundle)!r}: not a training bundle (no manifest.json in it)")
         i, n = self.shard
