@@ -21,7 +21,7 @@ $(DEMO_STAMP): pyproject.toml | $(PY)
 	touch $@
 
 $(FULL_STAMP): pyproject.toml | $(PY)
-	$(PY) -m pip install --quiet -e '.[host,sim,demo,dev,torch]'
+	$(PY) -m pip install --quiet -e '.[host,sim,postgres,demo,dev,torch]'
 	touch $@ $(DEMO_STAMP)
 
 test: $(FULL_STAMP)
