@@ -112,6 +112,7 @@ def main() -> None:
         bundle = digits_bundle(root)
         for kind in args.brokers:
             if kind == "mosquitto":
+                (root / "mosquitto").mkdir()
                 process, port = _transport_benchmark().start_mosquitto(root / "mosquitto", "set_tcp_nodelay true\n")
                 url, stop = f"mqtt://127.0.0.1:{port}", (lambda p=process: (p.terminate(), p.wait(10)))
             else:
