@@ -58,6 +58,15 @@ def check_topic_level(value: str, what: str) -> str:
     return value
 
 
+def check_index(name: str, value: int) -> int:
+    """A round index or model version: an int in 0 .. 2^63 - 1 (both backends store a signed 64-bit integer)."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise StoreError(f"{name} must be an integer >= 0, got {value!r}")
+    if value >= 2**63:
+        raise StoreError(f"{name} {value} does not fit a signed 64-bit integer")
+    return value
+
+
 def check_device_id(device_id: str) -> str:
     return check_topic_level(device_id, "device id")
 

@@ -56,6 +56,7 @@ from aggregator.store.base import (
     StoreNotFoundError,
     StoreVersionError,
     check_device_id,
+    check_index,
     check_public_key,
     payload_digest,
 )
@@ -332,7 +333,7 @@ class PostgresStore(Store):
 
     # -- plans and models ----------------------------------------------------------------------
     def put_plan(self, round_index: int, payload: bytes, now: float) -> PlanRecord:
-        _check_index("round_index", round_index)
+        check_index("round_index", round_index)
         digest = payload_digest(payload)
         with self.transaction():
             self._lock("plans")
@@ -358,7 +359,7 @@ class PostgresStore(Store):
     _MODEL_COLUMNS = "version, payload, digest, created_at, round_index"
 
     def put_model(self, version: int, payload: bytes, now: float, round_index: int | None = None) -> ModelRecord:
-        _check_index("version", version)
+        check_index("version", version)
         digest = payload_digest(payload)
         with self.transaction():
             self._lock("models")
@@ -391,7 +392,7 @@ class PostgresStore(Store):
     _ROUND_COLUMNS = "round_index, session, stage, status, started_at, updated_at, state, detail"
 
     def save_round(self, record: RoundRecord) -> None:
-        _check_index("round_index", record.round_index)
+        check_index("round_index", record.round_index)
         status = RoundStatus(record.status)
         with self.transaction():
             self._lock("rounds")
@@ -539,10 +540,3 @@ def _first_line(exc: BaseException) -> str:
 def _round(row: tuple[Any, ...]) -> RoundRecord:
     return RoundRecord(row[0], row[1], row[2], RoundStatus(row[3]), row[4], row[5], row[6], row[7])
 
-
-def _check_index(name: str, value: int) -> None:
-    # The same rule as SqliteStore's: bigint columns, and a bool is not an index.
-    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        raise StoreError(f"{name} must be an integer >= 0, got {value!r}")
-    if value >= 2**63:
-        raise StoreError(f"{name} {value} does not fit a signed 64-bit integer")

@@ -33,6 +33,7 @@ from aggregator.store.base import (
     StoreNotFoundError,
     StoreVersionError,
     check_device_id,
+    check_index,
     check_public_key,
     payload_digest,
 )
@@ -236,7 +237,7 @@ class SqliteStore(Store):
 
     # -- plans and models ----------------------------------------------------------------------
     def put_plan(self, round_index: int, payload: bytes, now: float) -> PlanRecord:
-        _check_index("round_index", round_index)
+        check_index("round_index", round_index)
         digest = payload_digest(payload)
         with self.transaction():
             existing = self.plan(round_index)
@@ -257,7 +258,7 @@ class SqliteStore(Store):
         return None if row is None else PlanRecord(row[0], bytes(row[1]), row[2], row[3])
 
     def put_model(self, version: int, payload: bytes, now: float, round_index: int | None = None) -> ModelRecord:
-        _check_index("version", version)
+        check_index("version", version)
         digest = payload_digest(payload)
         with self.transaction():
             existing = self.model(version)
@@ -291,7 +292,7 @@ class SqliteStore(Store):
     _ROUND_COLUMNS = "round_index, session, stage, status, started_at, updated_at, state, detail"
 
     def save_round(self, record: RoundRecord) -> None:
-        _check_index("round_index", record.round_index)
+        check_index("round_index", record.round_index)
         status = RoundStatus(record.status)
         with self.transaction():
             existing = self.round(record.round_index)
@@ -393,9 +394,3 @@ class SqliteStore(Store):
 def _round(row: tuple[Any, ...]) -> RoundRecord:
     return RoundRecord(row[0], bytes(row[1]), row[2], RoundStatus(row[3]), row[4], row[5], bytes(row[6]), row[7])
 
-
-def _check_index(name: str, value: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        raise StoreError(f"{name} must be an integer >= 0, got {value!r}")
-    if value >= 2**63:
-        raise StoreError(f"{name} {value} does not fit a signed 64-bit integer")
