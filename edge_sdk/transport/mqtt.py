@@ -12,6 +12,12 @@ Why these choices:
   connect, so the aggregator learns of a dropout the moment the broker notices the socket died.
 - Reconnection with exponential backoff and full jitter, so a restarted broker is not hit by the
   whole fleet in the same millisecond; every connect resubscribes.
+- Failover: ``url`` may list several nodes of one broker cluster (``URL,URL,...``). A lost or
+  refused connection moves to the next node, round robin, after the backoff (which grows once
+  per full turn over the nodes, so a dead node costs one short wait, not a long one); the new
+  connection carries the same last will, resubscribes and says ``online`` again. A cluster that
+  replicates sessions (NATS JetStream, EMQX) keeps the QoS 1 queue; one that does not (two
+  unbridged Mosquittos) loses it, which the receipts and the round's abort-and-retry absorb.
 - ``on_message`` only appends to a queue: decoding, signature checks and training happen in the
   caller's ``poll``, never inside paho's network callbacks.
 """
@@ -76,6 +82,20 @@ class BrokerAddress:
         return cls(parts.hostname, port, tls, username, password)
 
 
+def parse_broker_urls(text: str) -> tuple[str, ...]:
+    """``URL[,URL...]``: the nodes of one broker cluster, in the order the transport tries them.
+
+    All must be ``mqtt://`` or all ``mqtts://``: one client has one TLS set-up for every node.
+    """
+    urls = tuple(part.strip() for part in text.split(","))
+    if not urls or any(not url for url in urls):
+        raise ConfigError(f"broker URL list {text!r} has an empty entry; write URL or URL,URL,... without blanks")
+    schemes = {BrokerAddress.parse(url).tls for url in urls}
+    if len(schemes) > 1:
+        raise ConfigError(f"broker URL list {text!r} mixes mqtt:// and mqtts://; every node must use the same one")
+    return urls
+
+
 @dataclass(frozen=True)
 class ReconnectBackoff:
     """Exponential backoff with jitter: attempt n waits up to min(maximum, initial * multiplier^n)."""
@@ -101,7 +121,7 @@ class ReconnectBackoff:
 class MqttSettings:
     """Everything one connection needs; ``password`` is never shown in a repr."""
 
-    url: str
+    url: str  # one broker URL, or several nodes of one cluster: "URL,URL,..." (failover, round robin)
     client_id: str
     username: str | None = None
     password: str | None = None
@@ -128,9 +148,14 @@ class MqttSettings:
             raise ConfigError("mTLS needs both cert_file and key_file (or neither)")
         if self.keepalive_s < 5:
             raise ConfigError(f"keepalive_s must be at least 5 s, got {self.keepalive_s}")
-        if (self.cert_file or self.ca_file) and not BrokerAddress.parse(self.url).tls:
+        urls = parse_broker_urls(self.url)
+        if (self.cert_file or self.ca_file) and not BrokerAddress.parse(urls[0]).tls:
             raise ConfigError(f"TLS files given but the broker URL {self.url!r} is not mqtts://")
-        BrokerAddress.parse(self.url)
+
+    @property
+    def urls(self) -> tuple[str, ...]:
+        """The broker nodes, in failover order."""
+        return parse_broker_urls(self.url)
 
     def __repr__(self) -> str:
         return f"MqttSettings(url={self.url!r}, client_id={self.client_id!r}, protocol={self.protocol!r})"
@@ -146,7 +171,9 @@ class MqttTransport:
 
     def __init__(self, settings: MqttSettings, loop: MqttLoop | None = None, *, rng: random.Random | None = None):
         self.settings = settings
-        self._address = BrokerAddress.parse(settings.url)
+        self._addresses = tuple(BrokerAddress.parse(url) for url in settings.urls)
+        self._node = 0  # index of the node the client is pointed at
+        self._address = self._addresses[0]
         self._owns_loop = loop is None
         self._loop = loop if loop is not None else MqttLoop()
         self._rng = rng or random.Random()
@@ -161,6 +188,7 @@ class MqttTransport:
         self._connected = False
         self.last_error: str | None = None
         self.connects = 0
+        self.failovers = 0  # times the transport moved to another node
         # called after every connect but the first, once subscriptions are re-sent: a broker that restarted
         # without persistence lost the retained messages, which only their publisher can put back
         self.on_reconnect: Callable[[], None] | None = None
@@ -252,6 +280,11 @@ class MqttTransport:
         return self._connected
 
     @property
+    def node_url(self) -> str:
+        """The broker node this transport is connected (or connecting) to."""
+        return self.settings.urls[self._node]
+
+    @property
     def ready(self) -> bool:
         """Connected with every subscription acknowledged: messages published now will reach us."""
         return self._connected and not self._pending_subscriptions
@@ -287,10 +320,7 @@ class MqttTransport:
         client.max_inflight_messages_set(s.max_inflight)
         client.max_queued_messages_set(0)
         client.suppress_exceptions = False
-        username = s.username if s.username is not None else self._address.username
-        password = s.password if s.password is not None else self._address.password
-        if username is not None:
-            client.username_pw_set(username, password)
+        self._set_credentials(client)
         if self._address.tls:
             context = ssl.create_default_context(cafile=s.ca_file)
             if s.cert_file and s.key_file:
@@ -312,14 +342,33 @@ class MqttTransport:
             connect_properties = Properties(PacketTypes.CONNECT)
             connect_properties.SessionExpiryInterval = s.session_expiry_s if s.persistent_session else 0
         client.connect_timeout = s.connect_timeout_s
-        client.connect_async(
-            self._address.host,
-            self._address.port,
-            keepalive=s.keepalive_s,
-            clean_start=not s.persistent_session if v5 else paho.MQTT_CLEAN_START_FIRST_ONLY,
-            properties=connect_properties,
-        )
+        self._connect_properties = connect_properties
+        self._point_at(client, self._address)
         return client
+
+    def _set_credentials(self, client: paho.Client) -> None:
+        s = self.settings
+        username = s.username if s.username is not None else self._address.username
+        password = s.password if s.password is not None else self._address.password
+        if username is not None:
+            client.username_pw_set(username, password)
+
+    def _point_at(self, client: paho.Client, address: BrokerAddress) -> None:
+        """Aim the (disconnected) client at ``address``; paho's connect_async is the public way to change host."""
+        s = self.settings
+        client.connect_async(
+            address.host,
+            address.port,
+            keepalive=s.keepalive_s,
+            clean_start=not s.persistent_session if s.protocol == "5" else paho.MQTT_CLEAN_START_FIRST_ONLY,
+            properties=self._connect_properties,
+        )
+
+    def _move_to_next_node(self) -> None:
+        """Round robin over the nodes: the next connect attempt (``_try_connect``) goes to the next one."""
+        self._node = (self._node + 1) % len(self._addresses)
+        self._address = self._addresses[self._node]
+        self.failovers += 1
 
     def _publish_properties(self) -> Properties | None:
         s = self.settings
@@ -338,6 +387,11 @@ class MqttTransport:
             self._pending_subscriptions.add(mid)
 
     def _try_connect(self) -> None:
+        if (self._client.host, self._client.port) != (self._address.host, self._address.port):
+            # re-aimed here, outside paho's callbacks, where the client is between connections
+            self._set_credentials(self._client)
+            self._point_at(self._client, self._address)
+            log.info("MQTT %s: failing over to %s", self.settings.client_id, self.node_url)
         try:
             self._client.reconnect()
         except (OSError, ssl.SSLError, ValueError) as exc:
@@ -347,9 +401,13 @@ class MqttTransport:
     def _schedule_reconnect(self) -> None:
         if self._closing:
             return
-        delay = self.settings.backoff.delay(self._attempt, self._rng.random())
+        nodes = len(self._addresses)
+        delay = self.settings.backoff.delay(self._attempt // nodes, self._rng.random())  # grows once per turn
         self._attempt += 1
-        log.info("MQTT %s: %s; reconnecting in %.2f s", self.settings.client_id, self.last_error, delay)
+        if nodes > 1:
+            self._move_to_next_node()
+        log.info("MQTT %s: %s; reconnecting to %s in %.2f s", self.settings.client_id, self.last_error,
+                 self.node_url, delay)
         self._loop.schedule_reconnect(self, delay)
 
     # -- paho callbacks: bookkeeping only ------------------------------------------------------
