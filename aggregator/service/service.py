@@ -14,9 +14,13 @@ Why the shell decides some things the machine does not:
   the machine's clock to that stage's deadline instead of waiting it out: the machine sees exactly
   what a deadline would have shown it, only sooner.
 * **Restart.** The store holds every committed model, plan, round and accounting event. At start
-  the service closes any round a crash left running (aborted, "service restarted"), resumes from
-  the newest committed model, and numbers the next round after the highest index ever used, so a
-  round index is never reused (devices refuse a replayed one anyway).
+  the service closes any round a crash left running: completed if its accounting (and, in the same
+  transaction, its new model) committed, otherwise aborted with the stage it was in; it never
+  resumes one (``_close_interrupted_rounds`` says why). It resumes from the newest committed model
+  and numbers the next round after the highest index ever used, so a round index, and with the
+  fresh nonce a session, is never reused (devices refuse a replayed one anyway).
+* **Reconnect.** After the broker comes back (restarted without persistence it has lost every
+  retained message), the service re-publishes the directory and the open round's plan and model.
 * **SIGTERM.** The open round is aborted and persisted as such, the connection is closed
   (``offline``), and the process exits 0; devices in it time out or take the next plan.
 
@@ -27,6 +31,7 @@ rate-limited (``RejectionLog``) and counted in the metrics.
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import random
 import secrets
@@ -52,11 +57,11 @@ from edge_sdk.errors import FleetlearnError
 from edge_sdk.privacy.encoding import EncodingParams
 from edge_sdk.privacy.noise_floor import honest_contributors
 from edge_sdk.protocol.directory import DirectoryRelease
-from edge_sdk.protocol.effects import PersistRound
+from edge_sdk.protocol.effects import AccountRound, PersistRound
 from edge_sdk.protocol.layout import ParameterLayout
 from edge_sdk.protocol.plan import RoundPlan, Sampling, SecAggPolicy, StageDeadlines, TrainingPlan
 from edge_sdk.protocol.pump import Endpoint, Pump
-from edge_sdk.protocol.routing import AGGREGATOR_ID, Router, limits_for, limits_for_plan
+from edge_sdk.protocol.routing import AGGREGATOR_ID, BROADCAST, Router, Send, limits_for, limits_for_plan
 from edge_sdk.secagg.keys import KEY_BYTES, IdentityKey
 from edge_sdk.secagg.messages import Stage
 from edge_sdk.transport.base import Transport
@@ -186,8 +191,8 @@ class AggregatorService:
                                         peer_key=lambda device: self.directory.get(device), limits=self.limits,
                                         max_payload=max_payload, clock=clock)
         self.router = Router(self.fleet, AGGREGATOR_ID, self.limits)
-        self.endpoint = Endpoint(AGGREGATOR_ID, HostRound(), None, self.transport, self.router,
-                                 self.handlers.as_mapping())
+        handlers = {**self.handlers.as_mapping(), AccountRound: self._account_with_model}
+        self.endpoint = Endpoint(AGGREGATOR_ID, HostRound(), None, self.transport, self.router, handlers)
         self.pump = Pump(_MachineClock(self))
         self.pump.add(self.endpoint)
         self.logger.info("aggregator up: public key %s, model version %d, next round %d, %d enrolled devices",
@@ -196,11 +201,54 @@ class AggregatorService:
     # -- start-up --------------------------------------------------------------------------------
 
     def _close_interrupted_rounds(self) -> None:
+        """Close every round a crash left RUNNING: completed if its sum was committed, otherwise aborted.
+
+        Why not resume: the SecAgg+ server's round secrets (its nonce, the devices' adverts, the
+        shares it relays) live only in memory, and the devices' keys are fresh per round, so no
+        restarted server can carry a round past ADVERTISE_KEYS; re-running it under the same index
+        would re-use a nonce the devices have already signed for. A new round with a new index and
+        a fresh nonce is the clean restart, and devices take it (a newer plan supersedes theirs).
+
+        A round whose accounting committed is not lost: its new model is written in the same
+        transaction (``_account_with_model``), so it is closed as completed and its model is
+        published with the next plan; its privacy spend is already in the accountant.
+        """
+        accounted = {e.round_index: e.event for e in self.store.accounting_events()}
         for record in self.store.rounds(RoundStatus.RUNNING):
-            self.store.save_round(replace(record, stage="aborted", status=RoundStatus.ABORTED, updated_at=self.wall(),
-                                          detail="the service restarted mid-round; the round is not resumed"))
-            self.logger.warning("round %d was still running when the service stopped: closed as aborted",
-                                record.round_index, extra={"round": record.round_index})
+            index, now = record.round_index, self.wall()
+            event = accounted.get(index)
+            plan = self.store.plan(index)
+            version = RoundPlan.from_bytes(plan.payload).model_version + 1 if plan is not None else None
+            if event is not None and version is not None and self.store.model(version) is not None:
+                facts = json.dumps({"contributors": event["contributors"], "model_version": version},
+                                   sort_keys=True).encode()
+                self.store.save_round(replace(record, stage="publish", status=RoundStatus.COMPLETED, updated_at=now,
+                                              state=facts, detail="completed at restart: the service stopped after "
+                                              f"accounting and storing model version {version}"))
+                self.logger.warning("round %d was accounted and its model version %d stored when the service stopped:"
+                                    " closed as completed", index, version, extra={"round": index})
+                continue
+            self.store.save_round(replace(record, stage="aborted", status=RoundStatus.ABORTED, updated_at=now,
+                                          detail=f"the service restarted mid-round (in stage {record.stage}); the "
+                                          "round is not resumed: a SecAgg+ server's round secrets are not persisted"))
+            self.logger.warning("round %d was still running (stage %s) when the service stopped: closed as aborted",
+                                index, record.stage, extra={"round": index})
+
+    def _account_with_model(self, effect: AccountRound) -> Any:
+        """Account the round and store its new model in one transaction.
+
+        Why: the pump runs ``AccountRound`` and then ``PersistModel``; a crash between the two would
+        leave a sum accounted whose model is lost, so the restart could neither publish it nor
+        call the round aborted without the fleet's epsilon counting an unpublished round.
+        ``PersistModel`` then finds the same bytes stored and does nothing.
+        """
+        state: HostState = self.endpoint.state
+        with self.store.transaction():
+            report = self.handlers.account(effect)
+            if state is not None and state.new_params is not None and state.plan.round_id == effect.round_id:
+                payload = np.asarray(state.new_params, dtype="<f4").tobytes()
+                self.store.put_model(state.plan.model_version + 1, payload, now=self.wall())
+        return report
 
     def _open_evaluation(self) -> Any:
         data_path = self.config.evaluation.data
@@ -227,6 +275,7 @@ class AggregatorService:
                                     key_file=str(tls.key) if tls and tls.key else None,
                                     protocol=b.protocol, status_topic=status)
             transport = MqttTransport(settings)
+            transport.on_reconnect = self._republish
             if transport.wait_ready(settings.connect_timeout_s):
                 self.logger.info("connected to the broker at %s", url)
                 return transport
@@ -235,6 +284,30 @@ class AggregatorService:
                 transport.close(timeout=0.0)
         self.logger.warning("no broker answered; retrying %s with backoff", b.urls[-1])
         return transport
+
+    def _republish(self) -> None:
+        """After a reconnect, put the retained broadcasts back: the directory, and the open round's plan and model.
+
+        Why: a broker restarted without persistence (or before its autosave) has lost them, and a device
+        that starts or reconnects later needs them; devices ignore a copy of what they hold. Runs in
+        the transport's connect callback, so it only queues publishes.
+        """
+        if getattr(self, "endpoint", None) is None:
+            return  # still starting: the first round publishes everything
+        self.published_directory = -1
+        self._refresh_directory()
+        state: HostState | None = self.endpoint.state
+        if state is None:
+            messages = []
+        elif HostRound.finished(state):
+            messages = [state.new_model] if state.new_model is not None else [state.model]
+        else:
+            messages = [state.plan, state.model]
+        for message in messages:
+            topic, payload, retain = self.router.outgoing(Send(BROADCAST, message))
+            self.transport.publish(topic, payload, retain=retain)
+        self.logger.info("reconnected to the broker: re-published the retained directory%s",
+                         " and the round's plan and model" if len(messages) == 2 else " and the model")
 
     # -- the loop --------------------------------------------------------------------------------
 
