@@ -51,6 +51,8 @@ class MessageKind(enum.IntEnum):
     RECEIPT = 36
     STATUS = 37
     DIRECTORY = 38
+    TASK = 39  # coordinator -> aggregator worker (sharded aggregation)
+    TASK_RESULT = 40  # aggregator worker -> coordinator
 
     @property
     def topic_name(self) -> str:

@@ -10,6 +10,9 @@ checked; ``sender_check`` ties the topic id to the envelope and the signed body.
     fleetlearn/v1/<fleet>/model[/<chunk>]         the signed model, retained
     fleetlearn/v1/<fleet>/directory[/<chunk>]     the signed enrolment directory, retained
     fleetlearn/v1/<fleet>/status/<device_id>      "online"/"offline", retained last will
+    fleetlearn/v1/<fleet>/work[/<worker_id>]      sharded aggregation: tasks (shared subscription, or one worker's)
+    fleetlearn/v1/<fleet>/result/<worker_id>      sharded aggregation: a worker's results
+    fleetlearn/v1/<fleet>/worker/<worker_id>      sharded aggregation: a worker's "online"/"offline" (last will)
 
 Retained broadcasts take one topic per chunk (``model/0``, ``model/1``, ...): a broker retains only
 the last message of a topic, so a chunked model on one topic would leave late joiners its tail.
@@ -39,6 +42,9 @@ class Channel(enum.Enum):
     MODEL = "model"
     STATUS = "status"
     DIRECTORY = "directory"
+    WORK = "work"
+    RESULT = "result"
+    WORKER = "worker"
 
 
 @dataclass(frozen=True)
@@ -98,6 +104,27 @@ def status_topic(fleet: str, device_id: str) -> str:
     return str(Topic(_id(fleet, "fleet"), Channel.STATUS, _id(device_id, "device_id")))
 
 
+SHARED_WORKERS_GROUP = "fleetlearn-workers"  # the MQTT 5 shared-subscription group of a fleet's workers
+
+
+def work_topic(fleet: str, worker_id: str | None = None) -> str:
+    """Tasks: ``work`` (taken through the shared subscription) or ``work/<worker>`` (one worker's, plain MQTT)."""
+    return str(Topic(_id(fleet, "fleet"), Channel.WORK, None if worker_id is None else _id(worker_id, "worker_id")))
+
+
+def shared_work_subscription(fleet: str) -> str:
+    """``$share/fleetlearn-workers/<work topic>``: each task goes to one subscribed worker (MQTT 5)."""
+    return f"$share/{SHARED_WORKERS_GROUP}/{work_topic(fleet)}"
+
+
+def result_topic(fleet: str, worker_id: str) -> str:
+    return str(Topic(_id(fleet, "fleet"), Channel.RESULT, _id(worker_id, "worker_id")))
+
+
+def worker_status_topic(fleet: str, worker_id: str) -> str:
+    return str(Topic(_id(fleet, "fleet"), Channel.WORKER, _id(worker_id, "worker_id")))
+
+
 def aggregator_subscriptions(fleet: str) -> tuple[str, ...]:
     """What the aggregator subscribes to: every device's uplinks and status."""
     base = f"{PREFIX}/{_id(fleet, 'fleet')}"
@@ -144,12 +171,15 @@ def parse_topic(topic: str) -> Topic:
                               f"{', '.join(c.value for c in Channel)}") from None
     rest = levels[2:]
     expected = {Channel.UP: (2,), Channel.DOWN: (1,), Channel.STATUS: (1,), Channel.PLAN: (0, 1),
-                Channel.MODEL: (0, 1), Channel.DIRECTORY: (0, 1)}[channel]
+                Channel.MODEL: (0, 1), Channel.DIRECTORY: (0, 1), Channel.WORK: (0, 1), Channel.RESULT: (1,),
+                Channel.WORKER: (1,)}[channel]
     if len(rest) not in expected:
         raise WireFormatError(f"topic {shown!r}: a {channel.value} topic has {' or '.join(map(str, expected))} "
                               f"levels after the channel, got {len(rest)}")
     if channel in (Channel.PLAN, Channel.MODEL, Channel.DIRECTORY):
         return Topic(fleet, channel, chunk_index=_parse_chunk_level(rest[0], shown) if rest else None)
+    if channel is Channel.WORK and not rest:
+        return Topic(fleet, channel)
     device_id = _id(rest[0], f"topic {shown!r}: device id")
     kind = kind_from_topic_name(rest[1]) if channel is Channel.UP else None
     return Topic(fleet, channel, device_id, kind)

@@ -123,6 +123,8 @@ OTHER_KIND_PAYLOADS = {
         AGGREGATOR, "dev-1", SESSION, MessageKind.MASKED_INPUT, 6, _bytes("acknowledged-envelope", 32)))),
     MessageKind.STATUS: ("dev-3", NO_SESSION, b"online"),
     MessageKind.DIRECTORY: (AGGREGATOR, NO_SESSION, _bytes("directory-payload", 48)),
+    MessageKind.TASK: (AGGREGATOR, NO_SESSION, _bytes("task-payload", 48)),
+    MessageKind.TASK_RESULT: ("worker-1", NO_SESSION, _bytes("task-result-payload", 48)),
 }
 
 
