@@ -35,6 +35,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     devices.add_argument("--json", action="store_true", help="one JSON object per line")
     serve = sub.add_parser("serve", help="run the aggregator service with aggregator.toml")
     serve.add_argument("--config", required=True, metavar="FILE", help="aggregator.toml")
+    coordinator = sub.add_parser("coordinator", help="run the sharding coordinator: plans, cohorts, sub-cohort tasks, "
+                                 "the sum of sub-sums, accounting and publication ([sharding] in aggregator.toml)")
+    coordinator.add_argument("--config", required=True, metavar="FILE", help="aggregator.toml")
+    worker = sub.add_parser("worker", help="run an aggregator worker: SecAgg+ for the sub-cohorts it is handed")
+    worker.add_argument("--config", required=True, metavar="FILE", help="aggregator.toml (the coordinator's)")
+    worker.add_argument("--worker-id", required=True, metavar="ID", help="this worker's id (an MQTT topic level)")
     key = sub.add_parser("key", help="print the aggregator's public key (made on first use) for `device init`")
     key.add_argument("--config", required=True, metavar="FILE", help="aggregator.toml")
 
@@ -109,6 +115,26 @@ def _serve(args: argparse.Namespace) -> int:
     return serve(load_config(args.config))  # a bad config is one line and exit 2, before anything starts
 
 
+def _coordinator(args: argparse.Namespace) -> int:
+    from aggregator.service.config import load_config
+    from aggregator.sharding.coordinator_service import serve_coordinator
+
+    return serve_coordinator(load_config(args.config))
+
+
+def _worker(args: argparse.Namespace) -> int:
+    from aggregator.service.config import ServiceConfigError, load_config
+    from aggregator.sharding.worker_service import serve_worker
+    from edge_sdk.errors import FleetlearnError
+    from edge_sdk.protocol.plan import check_identifier
+
+    try:
+        check_identifier(args.worker_id, "--worker-id")
+    except FleetlearnError as exc:
+        raise ServiceConfigError(str(exc)) from None
+    return serve_worker(load_config(args.config), args.worker_id)
+
+
 def _key(args: argparse.Namespace) -> int:
     from aggregator.service.config import load_config
     from aggregator.service.service import load_or_create_identity
@@ -125,4 +151,4 @@ def _key(args: argparse.Namespace) -> int:
 
 def run(args: argparse.Namespace) -> int:
     return {"enrol": _enrol, "revoke": _revoke, "devices": _devices, "serve": _serve,
-            "key": _key}[args.aggregator_command](args)
+            "coordinator": _coordinator, "worker": _worker, "key": _key}[args.aggregator_command](args)

@@ -41,7 +41,7 @@ class TlsConfig:
 
 @dataclass(frozen=True)
 class BrokerConfig:
-    urls: tuple[str, ...]  # tried in order; the first that answers is used
+    urls: tuple[str, ...]  # the nodes of one broker (cluster): one connection fails over between them
     client_id: str = "fleetlearn-aggregator"
     username: str | None = None
     password_file: Path | None = None  # never the password itself in the config file
@@ -123,6 +123,23 @@ class MetricsConfig:
 
 
 @dataclass(frozen=True)
+class ShardingConfig:
+    """``[sharding]``: a coordinator and aggregator workers (``fleetlearn aggregator coordinator`` / ``worker``).
+
+    ``store`` is the state the coordinator and its workers share (a ``postgresql://`` DSN across
+    hosts; empty: the SQLite file in ``fleet.state_dir``, which processes on one host can share).
+    ``handout`` "auto" uses the MQTT 5 shared subscription when ``broker.protocol = "5"``.
+    """
+
+    workers: int = 1  # sub-cohorts the noise is calibrated for (at most this many per round)
+    sub_cohort_min: int = 2
+    task_deadline: float = 10.0  # seconds for a worker to claim a task before it goes to another
+    max_attempts: int = 2
+    handout: str = "auto"  # "auto", "shared" or "per-worker"
+    store: str | None = None
+
+
+@dataclass(frozen=True)
 class ServiceConfig:
     fleet: FleetConfig
     broker: BrokerConfig
@@ -134,10 +151,12 @@ class ServiceConfig:
     strategy: StrategyConfig = StrategyConfig()
     evaluation: EvaluationConfig = EvaluationConfig()
     metrics: MetricsConfig = MetricsConfig()
+    sharding: ShardingConfig = ShardingConfig()
 
     @property
-    def store_path(self) -> Path:
-        return self.fleet.state_dir / "aggregator.sqlite"
+    def store_path(self) -> Path | str:
+        """The SQLite file in the state directory, or ``sharding.store`` (a PostgreSQL DSN) when set."""
+        return self.sharding.store or self.fleet.state_dir / "aggregator.sqlite"
 
     @property
     def identity_path(self) -> Path:
@@ -242,7 +261,7 @@ def _fleet(t: _Table) -> FleetConfig:
 
 
 def _broker(t: _Table) -> BrokerConfig:
-    from edge_sdk.transport.mqtt import BrokerAddress
+    from edge_sdk.transport.mqtt import BrokerAddress, parse_broker_urls
 
     urls = t.texts("urls")
     for url in urls:
@@ -250,6 +269,10 @@ def _broker(t: _Table) -> BrokerConfig:
             BrokerAddress.parse(url)
         except ConfigError as exc:
             raise ServiceConfigError(f"{t.source}: {t.name}.urls: {exc}") from None
+    try:
+        parse_broker_urls(",".join(urls))  # one connection fails over between them: one scheme for all
+    except ConfigError as exc:
+        raise ServiceConfigError(f"{t.source}: {t.name}.urls: {exc}") from None
     tls_table = t.table("tls")
     tls = None
     if tls_table is not None:
@@ -319,7 +342,7 @@ def _metrics(t: _Table) -> MetricsConfig:
 def parse_config(data: dict[str, Any], source: str = "aggregator.toml", base: Path = Path()) -> ServiceConfig:
     """Build the config from parsed TOML; ``base`` is the directory relative paths are taken from."""
     known = ("fleet", "broker", "model", "rounds", "deadlines", "training", "privacy", "strategy", "evaluation",
-             "metrics")
+             "metrics", "sharding")
     unknown = sorted(set(data) - set(known))
     if unknown:
         raise ServiceConfigError(f"{source}: unknown section [{unknown[0]}]; the sections are {list(known)}")
@@ -347,8 +370,22 @@ def parse_config(data: dict[str, Any], source: str = "aggregator.toml", base: Pa
         strategy=read("strategy", _strategy),
         evaluation=read("evaluation", lambda t: EvaluationConfig(t.path("data", None))),
         metrics=read("metrics", _metrics),
+        sharding=read("sharding", _sharding),
     )
     return config
+
+
+def _sharding(t: _Table) -> ShardingConfig:
+    d = ShardingConfig()
+    store = t.text("store", None)
+    if store is not None and not store.startswith(("postgresql://", "postgres://")):
+        raise ServiceConfigError(f"{t.source}: sharding.store must be a postgresql:// DSN (or omitted: the SQLite "
+                                 f"file in fleet.state_dir), got {store[:40]!r}")
+    return ShardingConfig(t.integer("workers", d.workers, minimum=1), t.integer("sub_cohort_min", d.sub_cohort_min,
+                                                                                minimum=2),
+                          t.number("task_deadline", d.task_deadline, minimum=0.0, exclusive=True),
+                          t.integer("max_attempts", d.max_attempts, minimum=1),
+                          t.text("handout", d.handout, choices=("auto", "shared", "per-worker")), store)
 
 
 def load_config(path: str | os.PathLike[str]) -> ServiceConfig:
