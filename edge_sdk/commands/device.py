@@ -48,7 +48,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                        help="the device profile: threads, memory budget, batch-size limit, MQTT keepalive, TLS paths "
                        "and eligibility rules (the options below override its TLS and eligibility)")
     agent.add_argument("--state-dir", required=True, metavar="DIR", help="made by `fleetlearn device init`")
-    agent.add_argument("--broker", required=True, metavar="URL", help="mqtt://host:port or mqtts://host:port")
+    agent.add_argument("--broker", required=True, metavar="URL[,URL...]",
+                       help="mqtt://host:port or mqtts://host:port; several nodes of one broker cluster separated by "
+                       "commas, tried in turn when the connection is lost")
     agent.add_argument("--bundle", metavar="DIR", help="the training bundle (default: DIR/bundle)")
     agent.add_argument("--data", metavar="FILE.npz", help="the local training data, x and y (default: DIR/data.npz)")
     agent.add_argument("--tls-ca", metavar="FILE", help="the CA that signed the broker's certificate "
