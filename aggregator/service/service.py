@@ -267,22 +267,19 @@ class AggregatorService:
         password = b.password_file.read_text().strip() if b.password_file is not None else None
         tls = b.tls
         status = status_topic(self.fleet, b.username or AGGREGATOR_USER)
-        transport = None
-        for url in b.urls:
-            settings = MqttSettings(url, b.client_id, username=b.username, password=password,
-                                    ca_file=str(tls.ca) if tls else None,
-                                    cert_file=str(tls.cert) if tls and tls.cert else None,
-                                    key_file=str(tls.key) if tls and tls.key else None,
-                                    protocol=b.protocol, status_topic=status)
-            transport = MqttTransport(settings)
-            transport.on_reconnect = self._republish
-            if transport.wait_ready(settings.connect_timeout_s):
-                self.logger.info("connected to the broker at %s", url)
-                return transport
-            self.logger.warning("broker %s did not answer (%s)", url, transport.last_error)
-            if url != b.urls[-1]:
-                transport.close(timeout=0.0)
-        self.logger.warning("no broker answered; retrying %s with backoff", b.urls[-1])
+        # one connection over every node: it fails over between them at run time, not only at start
+        settings = MqttSettings(",".join(b.urls), b.client_id, username=b.username, password=password,
+                                ca_file=str(tls.ca) if tls else None,
+                                cert_file=str(tls.cert) if tls and tls.cert else None,
+                                key_file=str(tls.key) if tls and tls.key else None,
+                                protocol=b.protocol, status_topic=status)
+        transport = MqttTransport(settings)
+        transport.on_reconnect = self._republish
+        if transport.wait_ready(settings.connect_timeout_s * len(b.urls)):
+            self.logger.info("connected to the broker at %s", transport.node_url)
+        else:
+            self.logger.warning("no broker answered (%s); retrying %s with backoff", transport.last_error,
+                                ", ".join(b.urls))
         return transport
 
     def _republish(self) -> None:
