@@ -68,7 +68,7 @@ class CoordinatorService(AggregatorService):
         password = b.password_file.read_text().strip() if b.password_file is not None else None
         tls = b.tls
         self.mqtt = MqttTransport(MqttSettings(
-            b.urls[0], b.client_id, username=b.username, password=password, ca_file=str(tls.ca) if tls else None,
+            ",".join(b.urls), b.client_id, username=b.username, password=password, ca_file=str(tls.ca) if tls else None,
             cert_file=str(tls.cert) if tls and tls.cert else None, key_file=str(tls.key) if tls and tls.key else None,
             protocol=b.protocol, status_topic=status_topic(fleet, b.username or AGGREGATOR_USER)))
         self.link = WorkLink(self.mqtt, subscribe_filter=coordinator_patterns(fleet))

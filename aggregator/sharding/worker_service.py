@@ -75,7 +75,7 @@ class WorkerService:
         password = b.password_file.read_text().strip() if b.password_file is not None else None
         tls = b.tls
         mqtt = MqttTransport(MqttSettings(
-            b.urls[0], f"{b.client_id}-worker-{worker_id}", username=b.username, password=password,
+            ",".join(b.urls), f"{b.client_id}-worker-{worker_id}", username=b.username, password=password,
             ca_file=str(tls.ca) if tls else None, cert_file=str(tls.cert) if tls and tls.cert else None,
             key_file=str(tls.key) if tls and tls.key else None, protocol=b.protocol,
             status_topic=worker_status_topic(self.fleet, worker_id)))
