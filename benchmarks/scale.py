@@ -6,8 +6,9 @@ One function per measurement, each picked with ``--only NAME`` (several allowed)
     with 3 replicas), publisher on node A and subscriber on node B (the message crosses a route,
     and NATS stores it in a replicated stream for the QoS 1 subscriber), and both on node A; next
     to one Mosquitto (its default limits). One publisher and one subscriber connection (paho, one
-    MqttLoop, ``INFLIGHT`` awaiting PUBACK), at most ``WINDOW`` messages unreceived at a time so no broker queue limit drops any;
-    msgs/s = messages received / time from the first publish to the last delivery, median of
+    MqttLoop, ``INFLIGHT`` awaiting PUBACK), at most ``WINDOW`` messages unreceived at a time so
+    no broker queue limit drops any; msgs/s = messages received / time from the first publish to the
+    last delivery, median of
     ``--runs`` runs, and the ratio to Mosquitto's. These are the rates of one publisher-subscriber
     pair through one node (a Python client on 2 shared cores), a floor for the node, not its ceiling;
   * ``unmask``: the aggregator's SecAgg+ unmask step for one session at d = 10^5, n = 100 and 1000,
