@@ -8,9 +8,9 @@ One function per measurement, each picked with ``--only NAME`` (several allowed)
     to one Mosquitto (its default limits). One publisher and one subscriber connection (paho, one
     MqttLoop, ``INFLIGHT`` awaiting PUBACK), at most ``WINDOW`` messages unreceived at a time so
     no broker queue limit drops any; msgs/s = messages received / time from the first publish to the
-    last delivery, median of
-    ``--runs`` runs, and the ratio to Mosquitto's. These are the rates of one publisher-subscriber
-    pair through one node (a Python client on 2 shared cores), a floor for the node, not its ceiling;
+    last delivery, median of ``--runs`` runs (after one warm-up), and the ratio to Mosquitto's.
+    These are the rates of one publisher-subscriber pair through one node (a Python client on 2
+    shared cores), a floor for the node, not its ceiling;
   * ``unmask``: the aggregator's SecAgg+ unmask step for one session at d = 10^5, n = 100 and 1000,
     10% dropout (``benchmarks/secagg.py``'s prepared state and ``reconstruct_sum``): seconds per
     session, so devices unmasked per second per worker (one core).
