@@ -43,7 +43,11 @@ from edge_sdk.wire.limits import DEFAULT_MAX_PAYLOAD_BYTES, WireLimits
 
 log = logging.getLogger(__name__)
 
-DEDUP_WINDOW_PER_SENDER = 4096  # whole messages remembered per sender; far above one round's traffic
+# Whole messages remembered per sender: a device sends at most 16 a round, so this covers the
+# retransmissions of the last 16 rounds; older replays carry a stale session and round, which the
+# round machines refuse. Bounded small on purpose: the aggregator keeps one window per device, and at
+# 4096 entries (about 250 B each) a 1000-device fleet's windows would grow towards 1 GB.
+DEDUP_WINDOW_PER_SENDER = 256
 _SEQUENCE_BITS = 62  # random start per channel: a rebooted sender never reuses a live sequence
 
 
