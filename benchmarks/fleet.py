@@ -116,7 +116,8 @@ def run_case(url: str, n: int, rounds: int, bundle: Path, out: Path) -> dict:
             "bytes": statistics.median(r.bytes_up + r.bytes_down for r in completed) if completed else 0,
             "rss_engine": report.timings["peak_rss_mb_engine"], "rss_workers": report.timings["peak_rss_mb_workers"],
             "rss_total": report.timings["peak_rss_mb_total"], "setup_s": report.timings["setup_seconds"],
-            "wall_s": time.monotonic() - started}
+            "wall_s": time.monotonic() - started,
+            "aborted": [r.abort_reason for r in report.rounds if r.status != "completed"]}
 
 
 def main() -> None:
