@@ -166,6 +166,7 @@ class DeviceAgent:
         self.endpoint = Endpoint(self.device_id, DeviceRound(), None, self.transport, self.router, self.handlers)
         self.pump = Pump(_WallClock(clock))
         self.pump.add(self.endpoint)
+        self._refusals_logged = 0  # of the current round's refusals, how many are logged
         self.held: list[Any] = []  # messages waiting for the first directory
         self.waiting_plan: RoundPlan | None = None  # a plan that arrived during a check-back wait
         self.rounds_done = 0
@@ -221,6 +222,16 @@ class DeviceAgent:
     def _fresh_state(self) -> None:
         memory = DeviceMemory(self.memory.last_round, self.memory.model_version, self.memory.model_digest)
         self.endpoint.state = start_device(self._config(), memory, self.model)
+        self._refusals_logged = 0
+
+    def _handle(self, message: Any) -> None:
+        """Give ``message`` to the machine, then log what it refused (the machine records, the shell logs)."""
+        self.pump.settle(self.endpoint, DeviceRound.handle(self.endpoint.state, message, self.clock()))
+        state: DeviceState = self.endpoint.state
+        for refusal in state.refusals[self._refusals_logged:]:
+            log.warning("device %s refused a %s in stage %s: %s", self.device_id, refusal.message_type,
+                        refusal.stage.value, refusal.reason)
+        self._refusals_logged = len(state.refusals)
 
     # -- effect handlers -------------------------------------------------------------------------
 
@@ -335,7 +346,7 @@ class DeviceAgent:
         if isinstance(message, RoundPlan):
             self._offer_plan(message)
             return
-        self.pump.settle(self.endpoint, DeviceRound.handle(self.endpoint.state, message, self.clock()))
+        self._handle(message)
 
     def _take_directory(self, data: bytes) -> None:
         envelope = decode_envelope(data, self.limits)
@@ -363,7 +374,7 @@ class DeviceAgent:
                 if isinstance(message, RoundPlan):
                     self._offer_plan(message)
                 else:
-                    self.pump.settle(self.endpoint, DeviceRound.handle(self.endpoint.state, message, self.clock()))
+                    self._handle(message)
 
     def _offer_plan(self, plan: RoundPlan) -> None:
         """Answer ``plan`` now, after the check-back wait, or not at all (an older or forged one)."""
@@ -382,7 +393,7 @@ class DeviceAgent:
                      plan.round_index, state.plan.round_index)
             self._fresh_state()
         self.router.limits = limits_for_plan(plan, min(len(self.directory.keys), MAX_DIRECTORY) or 1)
-        self.pump.settle(self.endpoint, DeviceRound.handle(self.endpoint.state, plan, self.clock()))
+        self._handle(plan)
 
     def tick_waiting(self) -> None:
         """Answer a plan held for the check-back time once it has passed."""

@@ -115,9 +115,11 @@ def test_a_device_refuses_forged_foreign_rolled_back_and_tampered_models_and_pla
         for what, message, reason in forgeries:
             caplog.clear()
             forger.publish(message)
-            step_until(agent, lambda r=reason: any(r in rec.getMessage() for rec in caplog.records), 10,
-                       f"dev-00 to refuse the {what}")
-            refusal = next(rec.getMessage() for rec in caplog.records if reason in rec.getMessage())
+            step_until(agent, lambda r=reason: any(r in rec.getMessage() and rec.levelno >= logging.WARNING
+                                                   for rec in caplog.records), 10,
+                       f"dev-00 to refuse the {what}, logged at WARNING for the operator")
+            refusal = next(rec.getMessage() for rec in caplog.records
+                           if reason in rec.getMessage() and rec.levelno >= logging.WARNING)
             assert "refused" in refusal, (what, refusal)
             print(f"| {what} | {refusal} |")  # the row for docs/reliability.md
             assert agent.memory == memory and agent.model.version == 1, what
