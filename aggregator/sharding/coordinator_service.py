@@ -22,7 +22,7 @@ from typing import Any
 from aggregator.rounds.cohort import invite
 from aggregator.rounds.host_round import HostConfig
 from aggregator.service.config import ServiceConfig
-from aggregator.service.service import AggregatorService, RoundSummary
+from aggregator.service.service import WAIT_LOG_S, AggregatorService, RoundSummary
 from aggregator.sharding.coordinator_round import (
     CoordinatorRound,
     CoordinatorState,
@@ -85,7 +85,32 @@ class CoordinatorService(AggregatorService):
         self.shared = uses_shared_subscription(config)
         self.sharding = s
         self.shard_plan: ShardPlan | None = None
+        self.planned_once = False
         self.mqtt.wait_ready(10.0)
+
+    def _wait_for_devices(self, stop: Callable[[], bool]) -> bool:
+        """Devices as the service waits for them, then workers: all ``sharding.workers`` before the first round.
+
+        Why: the plan fixes the number of sub-cohorts (and t_honest) before anyone answers, so a plan
+        drafted while workers are still starting would be cut for fewer of them. After the first round
+        (or ``3 × task_deadline`` of waiting) one live worker is enough: a dead worker must not stall
+        the fleet, and its sub-cohorts go to the others.
+        """
+        if not super()._wait_for_devices(stop):
+            return False
+        wanted = self.sharding.workers if not self.planned_once else 1
+        give_up = self.clock() + 3 * self.sharding.task_deadline
+        last_log = -WAIT_LOG_S
+        while not stop():
+            live = self.live_workers
+            if len(live) >= wanted or (live and self.clock() >= give_up):
+                self.planned_once = True
+                return True
+            if self.clock() - last_log >= WAIT_LOG_S:
+                last_log = self.clock()
+                self.logger.info("waiting for aggregator workers: %d of %d online", len(live), wanted)
+            self._deliver(POLL_S)
+        return False
 
     @property
     def live_workers(self) -> tuple[str, ...]:
@@ -206,7 +231,7 @@ def serve_coordinator(config: ServiceConfig) -> int:
 
     from aggregator.service.logs import configure_json_logging
 
-    configure_json_logging(logging.INFO)
+    configure_json_logging(min(logging.getLogger().level or logging.INFO, logging.INFO))  # -v/-vv win
     stopping: list[int] = []
     previous = {s: signal.signal(s, lambda signum, frame: stopping.append(signum)) for s in (signal.SIGTERM,
                                                                                              signal.SIGINT)}

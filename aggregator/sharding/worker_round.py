@@ -88,7 +88,7 @@ def handle_worker(state: WorkerState, message: Any, now: float) -> Step:
             return _on_task(state, message, now)
         return _on_device(state, message, now)
     except FleetlearnError as exc:
-        sender = str(getattr(message, "sender", None) or getattr(message, "device_id", "?"))
+        sender = _device_of(message)
         log.debug("worker %s refused %s from %s: %s", state.config.worker_id, type(message).__name__, sender, exc)
         return Step(replace(state, refusals=state.refusals + (WorkerRefusal(sender, type(message).__name__,
                                                                             str(exc)),)))
@@ -165,8 +165,13 @@ def _on_task(state: WorkerState, task: Task, now: float) -> Step:
     return Step(state, (accepted,) + tuple(Send(d, m) for d, m in out))
 
 
+def _device_of(message: Any) -> str:
+    """SecAgg+ messages name their device ``sender``, except AdvertiseKeys (``device_id``)."""
+    return str(getattr(message, "sender", None) or getattr(message, "device_id", None) or "?")
+
+
 def _on_device(state: WorkerState, message: Any, now: float) -> Step:
-    sender = str(getattr(message, "sender", "?"))
+    sender = _device_of(message)
     round_index = getattr(message, "round_index", None)
     for session in state.sessions.values():
         if sender in session.server.cohort and session.server.round_index == round_index:

@@ -147,7 +147,7 @@ def serve_worker(config: ServiceConfig, worker_id: str) -> int:
 
     from aggregator.service.logs import configure_json_logging
 
-    configure_json_logging(logging.INFO)
+    configure_json_logging(min(logging.getLogger().level or logging.INFO, logging.INFO))  # -v/-vv win
     stopping: list[int] = []
     previous = {s: signal.signal(s, lambda signum, frame: stopping.append(signum)) for s in (signal.SIGTERM,
                                                                                              signal.SIGINT)}
