@@ -74,6 +74,7 @@ class HostConfig:
     strategy: Strategy
     cohort: CohortPolicy
     ledger_check: LedgerCheck | None = None
+    nonce_seed: bytes | None = None  # SIMULATION ONLY: ServerConfig.nonce_seed (a seeded round nonce); never deployed
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "enrolled", Directory.of(self.enrolled))
@@ -245,7 +246,8 @@ def _close_plan(state: HostState, now: float) -> Step:
         config.identity, config.enrolled, bits=plan.encoding.bits, vector_length=plan.vector_length,
         dropout_fraction=policy.dropout_fraction, colluding_fraction=policy.colluding_fraction,
         degree=policy.degree, threshold=policy.threshold, stage_timeout=policy.stage_timeout,
-        threat_model=ThreatModel(policy.threat_model), noise_floor=plan.t_honest, ledger_check=config.ledger_check)
+        threat_model=ThreatModel(policy.threat_model), noise_floor=plan.t_honest, ledger_check=config.ledger_check,
+        nonce_seed=config.nonce_seed)
     try:
         server, out = start_server(server_config, cohort, plan.round_index, now)
     except FleetlearnError as exc:

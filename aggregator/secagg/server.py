@@ -20,6 +20,7 @@ result: the server reconstructs nothing.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 from collections.abc import Callable, Mapping
@@ -111,6 +112,10 @@ class ServerConfig:
     threat_model: ThreatModel = ThreatModel.ACTIVE
     noise_floor: int | None = None
     ledger_check: LedgerCheck | None = None
+    # SIMULATION ONLY, NEVER IN PRODUCTION: derive each round's nonce from sha256(nonce_seed || round index)
+    # instead of os.urandom, so a seeded simulation reproduces its rosters byte for byte. A deployed
+    # aggregator leaves this None: a predictable nonce lets devices' holder draws be known in advance.
+    nonce_seed: bytes | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "enrolled", Directory.of(self.enrolled))
@@ -203,12 +208,20 @@ def start_server(
     floor = config.floor_for(len(ordered))
     if floor < 1:
         raise SecAggConfigError(f"a cohort of {len(ordered)} leaves t_honest={floor} honest devices; enlarge it")
-    state = ServerState(config=config, round_index=round_index, round_nonce=os.urandom(32),
+    state = ServerState(config=config, round_index=round_index, round_nonce=_round_nonce(config, round_index),
                         cohort=ordered, noise_floor=floor, deadline=now + config.stage_timeout)
     directory = config.enrolled
     start = codec.sign(RoundStart(round_index, state.round_nonce, config.bits, config.vector_length,
                                   directory.digest, to_bitmap(directory.order, ordered), floor), config.identity)
     return state, [(d, start) for d in state.cohort]
+
+
+def _round_nonce(config: ServerConfig, round_index: int) -> bytes:
+    """Fresh from the OS, or (simulation only, ``nonce_seed`` set) derived from the seed and the round."""
+    if config.nonce_seed is None:
+        return os.urandom(32)
+    return hashlib.sha256(b"fleetlearn-simulation-round-nonce/" + config.nonce_seed
+                          + round_index.to_bytes(8, "big")).digest()
 
 
 def tick_server(state: ServerState, now: float) -> tuple[ServerState, Outgoing]:

@@ -139,6 +139,8 @@ class AggregatorService:
                  max_payload: int = DEFAULT_MAX_PAYLOAD_BYTES, randomness: random.Random | None = None) -> None:
         self.config = config
         self.randomness = randomness  # SIMULATION ONLY (a seeded cohort and rotation seed); None: the OS CSPRNG
+        # SIMULATION ONLY: with randomness given, the SecAgg+ round nonce derives from it (ServerConfig.nonce_seed)
+        self._nonce_seed = None if randomness is None else randomness.getrandbits(256).to_bytes(32, "big")
         self.clock = clock
         self.wall = wall
         self.skew = 0.0  # added to the machine's clock when the shell closes a stage of vanished devices early
@@ -389,7 +391,7 @@ class AggregatorService:
         round_index = self.next_round
         self.next_round += 1
         host = HostConfig(self.fleet, self.identity, self.directory, self.layout, self.strategy, self.cohort_policy,
-                          ledger_check=self.handlers.ledger_check)
+                          ledger_check=self.handlers.ledger_check, nonce_seed=self._nonce_seed)
         available = self._online() or list(self.directory)
         if cfg.rounds.sampling == "self":
             sampling = Sampling.self_selected(cfg.rounds.self_probability)

@@ -91,10 +91,11 @@ class DeviceConfig:
     layout: ParameterLayout
     colluding_fraction: float = 0.05  # this device's own assumption, whatever the plan says
     threat_model: ThreatModel = ThreatModel.ACTIVE  # the weakest aggregator model this device accepts
-    # SIMULATION ONLY: derive each round's DP noise generator from sha256(noise_seed || round index) instead
-    # of the OS, so a simulated fleet with a seed reproduces its report (in any fleet, under any run id). A
-    # deployed device leaves this None: a predictable generator would let anyone who knows the seed subtract
-    # the noise.
+    # SIMULATION ONLY, NEVER IN PRODUCTION: derive each round's DP noise generator from sha256(noise_seed ||
+    # round index), and the SecAgg+ agreement keys and self-mask seed from it too (ClientConfig.key_seed),
+    # instead of the OS, so a simulated fleet with a seed reproduces its report byte for byte (in any fleet,
+    # under any run id). A deployed device leaves this None: anyone who knows the seed could subtract the
+    # noise, compute the device's masks and decrypt its shares.
     noise_seed: bytes | None = None
 
     def __post_init__(self) -> None:
@@ -361,6 +362,13 @@ def _noise_generator(cfg: DeviceConfig, plan: RoundPlan) -> np.random.Generator:
     return np.random.Generator(np.random.PCG64(int.from_bytes(digest[:16], "big")))
 
 
+def _secagg_key_seed(cfg: DeviceConfig) -> bytes | None:
+    """None (fresh OS keys), or (simulation only, ``noise_seed`` set) a key seed apart from the noise's."""
+    if cfg.noise_seed is None:
+        return None
+    return hashlib.sha256(b"fleetlearn-simulation-secagg-key-seed/" + cfg.noise_seed).digest()
+
+
 def _on_trained(state: DeviceState, result: Any, now: float) -> Step:
     if state.stage is not DeviceStage.TRAIN:
         return Step(state)
@@ -379,7 +387,7 @@ def _on_trained(state: DeviceState, result: Any, now: float) -> Step:
     client_config = ClientConfig(cfg.device_id, cfg.identity, cfg.aggregator_public, cfg.enrolled,
                                  stage_timeout=CLIENT_PATIENCE * plan.secagg.stage_timeout,
                                  colluding_fraction=cfg.colluding_fraction,
-                                 threat_model=threat_model)
+                                 threat_model=threat_model, key_seed=_secagg_key_seed(cfg))
     client = start_client(client_config, vector, now, plan.round_index, t_honest=plan.t_honest)
     client, out = handle_client(client, state.round_start, now)
     new = replace(state, stage=DeviceStage.SECAGG, client=client, deadline=None)

@@ -2,7 +2,8 @@
 
 ``handle_client(state, message, now)`` returns the next state and the messages to send to the
 server; ``tick_client(state, now)`` applies the deadline. Randomness (keys, seeds, Shamir
-coefficients, nonces) comes from the OS CSPRNG through ``cryptography`` and ``secrets``.
+coefficients, nonces) comes from the OS CSPRNG through ``cryptography`` and ``secrets``; only a
+simulation may derive the agreement keys and self-mask seed from a seed (``ClientConfig.key_seed``).
 
 Two kinds of bad input are told apart:
 
@@ -38,6 +39,8 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 
 import numpy as np
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from edge_sdk.secagg import codec
 from edge_sdk.secagg.codec import LEDGER_HEAD_BYTES
@@ -52,7 +55,7 @@ from edge_sdk.secagg.errors import (
     SignatureError,
 )
 from edge_sdk.secagg.graph import holder_seed, share_holders
-from edge_sdk.secagg.keys import AgreementKey, IdentityKey
+from edge_sdk.secagg.keys import KEY_BYTES, AgreementKey, IdentityKey
 from edge_sdk.secagg.masking import MaskPeer, mask_vector, self_mask_commitment
 from edge_sdk.secagg.membership import Directory, from_bitmap
 from edge_sdk.secagg.messages import (
@@ -103,6 +106,11 @@ class ClientConfig:
     stage_timeout: float = 60.0
     colluding_fraction: float = 0.05
     threat_model: ThreatModel = ThreatModel.ACTIVE
+    # SIMULATION ONLY, NEVER IN PRODUCTION: derive each round's two X25519 agreement keys and the
+    # self-mask seed with HKDF from key_seed, the device id and the round index instead of the OS
+    # CSPRNG, so a seeded simulation reproduces its rosters byte for byte. Anyone who knows key_seed
+    # can compute this device's masks and decrypt its shares: a deployed device leaves this None.
+    key_seed: bytes | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "enrolled", Directory.of(self.enrolled))
@@ -303,12 +311,22 @@ def _on_round_start(state: ClientState, message: RoundStart, now: float) -> tupl
         )
     if message.noise_floor < 1:
         raise ProtocolViolationError(f"round announces t_honest={message.noise_floor}; it must be at least 1")
-    c_key, s_key, seed = AgreementKey.generate(), AgreementKey.generate(), os.urandom(SEED_BYTES)
+    c_key, s_key, seed = _round_secrets(state.config, message.round_index)
     advert = _sign(state, AdvertiseKeys(me, message.round_index, message.round_nonce, c_key.public, s_key.public,
                                         self_mask_commitment(seed)))
     new = replace(state, round_index=message.round_index, start=message, bits=message.bits, cohort=cohort,
                   c_key=c_key, s_key=s_key, self_seed=seed, deadline=now + state.config.stage_timeout)
     return new, [advert]
+
+
+def _round_secrets(config: ClientConfig, round_index: int) -> tuple[AgreementKey, AgreementKey, bytes]:
+    """The round's agreement keys and self-mask seed: fresh from the OS, or (simulation only) from ``key_seed``."""
+    if config.key_seed is None:
+        return AgreementKey.generate(), AgreementKey.generate(), os.urandom(SEED_BYTES)
+    info = b"fleetlearn-simulation-secagg-keys/" + config.device_id.encode() + b"/" + round_index.to_bytes(8, "big")
+    material = HKDF(hashes.SHA256(), 2 * KEY_BYTES + SEED_BYTES, salt=None, info=info).derive(config.key_seed)
+    return (AgreementKey(material[:KEY_BYTES]), AgreementKey(material[KEY_BYTES:2 * KEY_BYTES]),
+            material[2 * KEY_BYTES:])
 
 
 def _on_roster(state: ClientState, roster: Roster, now: float) -> tuple[ClientState, Outgoing]:
