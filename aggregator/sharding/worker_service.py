@@ -4,8 +4,9 @@ The worker reads the aggregator's key (it never makes one: devices trust only th
 the enrolment directory and the participation record from the store the coordinator writes (the
 ledger check needs the record of every earlier round, hence shared state), announces itself with a
 retained ``online`` on ``worker/<id>`` and the last will ``offline``, and takes tasks from the
-shared subscription (MQTT 5) or from ``work/<id>``. Before it hands a task to the machine it
-subscribes to the uplinks of that task's devices, so their answers reach it and no other worker.
+shared subscription (MQTT 5) or from ``work/<id>``. It reads every device uplink (``up/+/+``, one
+subscription made at start, so nothing waits for a SUBACK mid-round); the machine keeps the
+messages of its own sessions' devices and refuses the rest.
 """
 
 from __future__ import annotations
@@ -93,7 +94,9 @@ class WorkerService:
                                  ShardTransport(self.rounds, self.link), self.router, {})
         self.pump = Pump(_Clock(clock, self))
         self.pump.add(self.endpoint)
-        self.subscribed: set[str] = set()
+        # Every uplink, subscribed once: per-task subscriptions (one per device) were not in place on a NATS
+        # cluster before the RoundStart went out, and held up the claim; the machine keeps only its sessions' devices.
+        self.rounds.subscribe(f"{PREFIX}/{self.fleet}/up/+/+")
         self.outcomes_seen = 0
         log.info("worker %s up (fleet %s, tasks on %s, %d enrolled devices)", worker_id, self.fleet, task_topic,
                  len(self.directory))
@@ -102,7 +105,7 @@ class WorkerService:
         return self.record.ledger_check(device, head)
 
     def _prepare(self, task: Task) -> None:
-        """Fresh directory and participation record when the task needs them; subscribe to its devices' uplinks."""
+        """Fresh directory and participation record before the machine takes ``task``."""
         if task.directory_digest != self.directory.digest:
             self.directory = Directory.of(self.store.directory())
             state = self.endpoint.state
@@ -110,11 +113,7 @@ class WorkerService:
 
             self.endpoint.state = replace(state, config=replace(state.config, enrolled=self.directory))
         self.record = self.store.participation(self.config.privacy.delta)
-        for device in task.cohort:
-            pattern = f"{PREFIX}/{self.fleet}/up/{device}/+"
-            if pattern not in self.subscribed:
-                self.rounds.subscribe(pattern)
-                self.subscribed.add(pattern)
+        log.info("task %s: taking a sub-cohort of %d devices", task.key, len(task.cohort))
 
     def step(self, timeout: float) -> None:
         for topic, data in self.endpoint.transport.poll(timeout):

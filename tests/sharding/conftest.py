@@ -15,3 +15,17 @@ def broker(tmp_path) -> Iterator[MosquittoBroker]:
     running = MosquittoBroker(tmp_path, "set_tcp_nodelay true").start()
     yield running
     running.stop()
+
+
+@pytest.fixture
+def nats_cluster(tmp_path):
+    """The cluster tests' 3-node NATS cluster with MQTT (tests/cluster/nats_cluster.py), stopped afterwards."""
+    from cluster.nats_cluster import NATS_SERVER, NatsCluster
+
+    if not NATS_SERVER:
+        pytest.skip("nats-server is not installed (apt-get install nats-server)")
+    cluster = NatsCluster(tmp_path / "nats", size=3)
+    try:
+        yield cluster.start()
+    finally:
+        cluster.stop()
