@@ -85,6 +85,13 @@ def _ignore_cancelled(loop: asyncio.AbstractEventLoop, context: dict) -> None:
         loop.default_exception_handler(context)
 
 
+class _DuplicateAckFilter(logging.Filter):
+    """A late duplicate PUBACK (the client retransmitted under load) is harmless: QoS 1 allows it, nothing is lost."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "waiter with Id" not in record.getMessage() or "already done" not in record.getMessage()
+
+
 class _StartupFailureFilter(logging.Filter):
     """amqtt logs a failed start with a traceback; ``serve`` reports it as one line instead."""
 
@@ -99,6 +106,9 @@ def quiet_amqtt(level: int | str = logging.WARNING) -> None:
     broker_log = logging.getLogger("amqtt.broker")
     if not any(isinstance(f, _StartupFailureFilter) for f in broker_log.filters):
         broker_log.addFilter(_StartupFailureFilter())
+    handler_log = logging.getLogger("amqtt.mqtt.protocol.handler")
+    if not any(isinstance(f, _DuplicateAckFilter) for f in handler_log.filters):
+        handler_log.addFilter(_DuplicateAckFilter())
 
 
 def _config(settings: ServerSettings) -> dict:
