@@ -14,6 +14,7 @@ partition gives every device at least 2 samples) with active-secure SecAgg+ and 
   100 connections to one subscriber on one ``MqttLoop``, in messages per second.
 
     python benchmarks/fleet.py [--n 100 1000] [--brokers mosquitto embedded] [--rounds 1] [--floor-repeats 3]
+                                [--keep DIR]
 """
 
 from __future__ import annotations
@@ -126,10 +127,13 @@ def main() -> None:
     parser.add_argument("--brokers", nargs="+", choices=("mosquitto", "embedded"), default=["mosquitto", "embedded"])
     parser.add_argument("--rounds", type=int, default=1)
     parser.add_argument("--floor-repeats", type=int, default=3)
+    parser.add_argument("--keep", type=Path, default=None,
+                        help="keep the runs (reports, logs/aggregator.log, logs/worker-*.log) under this directory")
     args = parser.parse_args()
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
-        root = Path(tmp)
+        root = Path(tmp) if args.keep is None else args.keep
+        root.mkdir(parents=True, exist_ok=True)
         bundle = digits_bundle(root)
         for kind in args.brokers:
             if kind == "mosquitto":

@@ -256,7 +256,7 @@ def simulate(scenario: Scenario, out_dir: Path = Path("runs"), *, run_id: str | 
         control_channel = _Control(url, fleet, f"{fleet}-engine-{shard}")
         if shard == 0:
             service = _Engine(scenario, fleet, fleet_dir / "aggregator", bundle, url, data, control_channel,
-                              workers, progress, stop)
+                              workers, progress, stop, run_dir / "logs")
             setup = time.monotonic() - started
             service.run(report)
         else:
@@ -298,7 +298,8 @@ class _Engine:
 
     def __init__(self, scenario: Scenario, fleet: str, state_dir: Path, bundle: Path, url: str, data: Any,
                  control_channel: _Control, workers: list[_Worker], progress: Progress,
-                 stop: Callable[[], bool]) -> None:
+                 stop: Callable[[], bool], log_dir: Path) -> None:
+        from aggregator.service.logs import JsonLineFormatter
         from aggregator.service.service import AggregatorService
         from edge_sdk.training import ModelSession, TrainingState, prepare_dataset
 
@@ -317,6 +318,10 @@ class _Engine:
         session = ModelSession.open(bundle, threads=1)
         self.evaluation = TrainingState(session), prepare_dataset(session.manifest, data.test_x, data.test_y)
         self.stage_events = _StageEvents(progress)
+        # The service's own JSON lines (stages, dropouts, refusals, abort reasons) beside the workers' logs.
+        self.log_file = logging.FileHandler(log_dir / "aggregator.log")
+        self.log_file.setLevel(logging.INFO)
+        self.log_file.setFormatter(JsonLineFormatter())
 
     def close(self) -> None:
         self.service.close()
@@ -326,6 +331,7 @@ class _Engine:
         level = service_log.level
         service_log.setLevel(min(level or logging.INFO, logging.INFO))
         service_log.addHandler(self.stage_events)
+        service_log.addHandler(self.log_file)
         self.progress.start(self.scenario.rounds, f"{self.scenario.devices} devices, {self.scenario.rounds} rounds "
                                                   f"({report.broker})")
         try:
@@ -336,6 +342,8 @@ class _Engine:
                 self.progress.round_done(report.rounds[-1])
         finally:
             service_log.removeHandler(self.stage_events)
+            service_log.removeHandler(self.log_file)
+            self.log_file.close()
             service_log.setLevel(level)
 
     def _await_fleet(self, round_index: int) -> None:
