@@ -27,6 +27,7 @@ def test_the_shipped_example_loads_with_every_key():
     assert config.fleet.id == "digits" and config.broker.tls is not None
     assert config.rounds.cohort_min == 10 and config.strategy.settings == {"server_lr": 1.0}
     assert config.metrics.port == 9464
+    assert config.sharding.workers == 2 and config.sharding.handout == "auto" and config.sharding.store is None
 
 
 def test_defaults_and_relative_paths(tmp_path):
