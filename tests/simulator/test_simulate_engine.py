@@ -1,17 +1,20 @@
 """``simulate``: a real aggregator service, device workers as OS processes, real brokers (amqtt and Mosquitto).
 
 What is proved here: a small fleet completes its rounds on the embedded broker and on Mosquitto,
-and the two reports are equal apart from timings and the broker's name (so the report is a
-function of the seed, not of the broker or the timing); with 10% dropout per stage and 5% crashes
-every round either completes with exactly the devices the seeded schedule left standing, or
-aborts naming why, and the next round still runs; a crashed device's ledger counts each round
-once; and two ``--shard`` processes complete a round together over one broker.
+and the two reports are equal apart from timings and the broker's name, bytes each way included
+(so the report is a function of the seed, not of the broker or the timing); with 10% dropout per
+stage and 5% crashes a round completes, with exactly the devices the seeded schedule left
+standing, precisely when those survivors reach the noise floor the devices accept (t_honest after
+the colluders they assume), and otherwise aborts naming the threshold or the floor, and the next
+round still runs; a crashed device's ledger counts each round once; and two ``--shard`` processes
+complete a round together over one broker.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -25,6 +28,8 @@ from aggregator.simulator.fleet_setup import device_id
 from aggregator.simulator.records import without_timings
 from aggregator.simulator.scenario import FAULT_STAGES, Scenario
 from edge_sdk.privacy.ledger import DeviceLedger
+from edge_sdk.privacy.noise_floor import expected_count, honest_contributors
+from edge_sdk.protocol.device_round import DeviceConfig
 
 ROOT = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.skipif(not MOSQUITTO, reason="mosquitto is not installed (apt-get install mosquitto)")
@@ -48,14 +53,13 @@ def mosquitto(tmp_path):
 
 
 def _comparable(report) -> dict:
-    """The report less timings and the broker's name, and less ``bytes_down``: each SecAgg+ roster carries
-    the adverts of the member's mask partners, whom devices draw from their fresh X25519 keys and the
-    server's fresh round nonce (OS randomness by design, not the seed), so its length varies by a few
-    dozen bytes per device from run to run."""
+    """The report less timings and the broker's name: everything else, bytes each way included, is the seed's.
+
+    (The rosters' sizes depend on every device's X25519 keys and the server's round nonce; the
+    simulator seeds both, SIMULATION ONLY, through ``DeviceConfig.noise_seed`` and the service's
+    ``randomness``.)"""
     data = without_timings(report.to_json())
     data.pop("broker")
-    for r in data["rounds"]:
-        r.pop("bytes_down")
     return data
 
 
@@ -103,6 +107,12 @@ def test_dropouts_and_crashes_complete_or_abort_each_round_cleanly(tmp_path, bun
     scenario = _faulty(_seed_with_late_crash(bundle), bundle, mosquitto.url)
     report = simulate(scenario, tmp_path / "runs", run_id="faults")
     schedule = FaultSchedule.of(scenario)
+    # What the devices (and the server) accept: a sum over at least t_honest honest survivors after the
+    # colluders every device assumes (its own DeviceConfig.colluding_fraction, 0.05 as the plan's); at 16
+    # devices, t_honest = 10 and 1 colluder: at least 11 survivors of the masked-input stage.
+    t_honest = honest_contributors(16, scenario.expected_dropout, scenario.colluding)
+    colluders = expected_count(DeviceConfig.colluding_fraction, 16)
+    assert (t_honest, colluders) == (10, 1)
     assert [r.round_index for r in report.rounds] == [1, 2, 3]  # an aborted round does not stop the run
     for r in report.rounds:
         scheduled = {s: 0 for s in FAULT_STAGES}
@@ -110,14 +120,22 @@ def test_dropouts_and_crashes_complete_or_abort_each_round_cleanly(tmp_path, bun
             fault = schedule.fault(r.round_index, device_id(i))
             if fault is not None:
                 scheduled[fault.stage] += 1
+        # every injected fault, nothing else, in each stage the round reached (an aborted round stops early)
+        reached = FAULT_STAGES if r.status == "completed" else FAULT_STAGES[:1 + max(map(FAULT_STAGES.index,
+                                                                                         r.dropouts, default=0))]
+        assert r.dropouts == {s: n for s, n in scheduled.items() if n and s in reached}
+        survivors = r.invited - sum(scheduled[s] for s in ("TRAIN", "SHARE_KEYS", "MASKED_INPUT"))
+        # The round completes exactly when its survivors reach the noise floor; then it sums exactly them.
+        assert (r.status == "completed") == (survivors - colluders >= t_honest), (r, survivors)
         if r.status == "completed":
-            assert r.abort_reason is None
-            assert r.dropouts == {s: n for s, n in scheduled.items() if n}  # every injected fault, nothing else
-            lost_before_sum = sum(scheduled[s] for s in ("TRAIN", "SHARE_KEYS", "MASKED_INPUT"))
-            assert r.participants == r.invited - lost_before_sum  # the survivors, exactly
+            assert r.abort_reason is None and r.participants == survivors
         else:
-            assert r.status == "aborted" and r.abort_reason and r.participants == 0
-    assert any(r.status == "completed" for r in report.rounds)
+            # Too few survivors: the server first leaves out every device with fewer than t of its own share
+            # holders among them (a fixed point, which with k = 12 of 16 empties the set well above
+            # t_honest), so the reason names the threshold t, or else the noise floor (t_honest).
+            assert r.status == "aborted" and r.participants == 0
+            assert re.search(r"below the threshold t=7$|t_honest=10", r.abort_reason), r.abort_reason
+    assert {r.status for r in report.rounds} == {"completed", "aborted"}  # this seed has rounds of each kind
     # every device's ledger holds each round at most once, crashed and re-created or not
     for i in range(16):
         ledger = DeviceLedger.snapshot(tmp_path / "runs" / "faults" / "fleet" / device_id(i) / "privacy.ledger")
