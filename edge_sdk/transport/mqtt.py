@@ -29,6 +29,7 @@ import logging
 import random
 import socket
 import ssl
+import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -180,6 +181,8 @@ class MqttTransport:
         self._inbox: deque[tuple[str, bytes]] = deque()
         self._patterns: list[str] = []
         self._pending_subscriptions: set[int] = set()
+        self._subscription_mids: dict[int, str] = {}  # SUBSCRIBE mid -> its pattern, to retry a refused one
+        self._refused: dict[str, tuple[int, float]] = {}  # pattern -> (refusals in a row, when to subscribe again)
         self._unacknowledged: set[int] = set()
         self._attempt = 0
         self._polled_at_pass = 0
@@ -287,7 +290,7 @@ class MqttTransport:
     @property
     def ready(self) -> bool:
         """Connected with every subscription acknowledged: messages published now will reach us."""
-        return self._connected and not self._pending_subscriptions
+        return self._connected and not self._pending_subscriptions and not self._refused
 
     @property
     def has_input(self) -> bool:
@@ -385,6 +388,19 @@ class MqttTransport:
         rc, mid = self._client.subscribe(pattern, qos=QOS)
         if rc == MQTTErrorCode.MQTT_ERR_SUCCESS and mid is not None:
             self._pending_subscriptions.add(mid)
+            self._subscription_mids[mid] = pattern
+
+    def _retry_refused_subscriptions(self) -> None:
+        """Subscribe again to every refused pattern whose backoff has run out."""
+        if not self._connected or self._closing:
+            return
+        now = time.monotonic()
+        for pattern, (refusals, due) in list(self._refused.items()):
+            if now >= due:
+                log.info("MQTT %s: subscribing to %r again (refused %d time(s))", self.settings.client_id, pattern,
+                         refusals)
+                self._refused[pattern] = (refusals, float("inf"))  # until its SUBACK answers
+                self._send_subscribe(pattern)
 
     def _try_connect(self) -> None:
         if (self._client.host, self._client.port) != (self._address.host, self._address.port):
@@ -422,6 +438,8 @@ class MqttTransport:
         self.connects += 1
         self.last_error = None
         self._pending_subscriptions.clear()
+        self._subscription_mids.clear()
+        self._refused = {p: (n, float("inf")) for p, (n, _) in self._refused.items()}  # sent again below
         for pattern in self._patterns:
             self._send_subscribe(pattern)
         if self.settings.status_topic:
@@ -444,11 +462,25 @@ class MqttTransport:
         self._unacknowledged.discard(mid)
 
     def _on_subscribe(self, client: paho.Client, userdata: Any, mid: int, reasons: Any, properties: Any) -> None:
+        # Why retry: a refusal may be transient (NATS answers 0x80 when creating the subscription's
+        # JetStream consumer times out on a loaded cluster); a device that silently lacks its plan or
+        # down subscription would never take part again until it reconnected.
         self._pending_subscriptions.discard(mid)
+        pattern = self._subscription_mids.pop(mid, None)
         failed = [r for r in reasons if r.is_failure]
-        if failed:
-            self.last_error = f"broker refused a subscription: {failed[0]}"
+        if not failed:
+            if pattern is not None and self._refused.pop(pattern, None) is not None:
+                log.info("MQTT %s: subscribed to %r after all", self.settings.client_id, pattern)
+            return
+        self.last_error = f"broker refused a subscription: {failed[0]}"
+        if pattern is None:
             log.warning("MQTT %s: %s", self.settings.client_id, self.last_error)
+            return
+        refusals = self._refused.get(pattern, (0, 0.0))[0] + 1
+        delay = self.settings.backoff.delay(refusals - 1, self._rng.random())
+        self._refused[pattern] = (refusals, time.monotonic() + delay)
+        log.warning("MQTT %s: broker refused the subscription to %r (%s); subscribing again in %.2f s",
+                    self.settings.client_id, pattern, failed[0], delay)
 
     def _on_socket_open(self, client: paho.Client, userdata: Any, sock: Any) -> None:
         # MQTT's small packets (PUBACKs, receipts) must not wait for Nagle + delayed ACK: 88 ms per round trip here
@@ -475,6 +507,8 @@ class MqttTransport:
 
     def handle_misc(self) -> None:
         self._client.loop_misc()
+        if self._refused:
+            self._retry_refused_subscriptions()
 
     def handle_reconnect_due(self) -> None:
         if not self._closing and not self._connected:

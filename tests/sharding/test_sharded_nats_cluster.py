@@ -31,9 +31,9 @@ pytestmark = pytest.mark.slow
 
 DEVICES = 60
 ROUNDS = 3
-# NATS sometimes refuses a device's subscription ("Unspecified error") with 60 connections on 2 cores; such a
-# device never answers, so the cohort may miss a few (the round's result is still checked exactly)
-COHORT_MIN = 54
+# every device: NATS refuses a subscription (SUBACK 0x80) when creating its JetStream consumer times out on a
+# loaded cluster, and the transport subscribes again with backoff until it is granted
+COHORT_MIN = 60
 SWARM = Path(__file__).with_name("device_swarm.py")
 
 
