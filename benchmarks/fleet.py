@@ -5,7 +5,8 @@ digits MLP (64-64-10, 4,810 parameters; above 500 devices on digits plus a jitte
 partition gives every device at least 2 samples) with active-secure SecAgg+ and distributed DP (Skellam,
 ε = 10 over the run), every device invited, no faults, 2 worker processes. Reported per round:
 
-* round time: the service's own figure, from the signed plan to the published model;
+* round time: the service's own figure, from the signed plan to the published model; wall: the
+  whole ``simulate`` call (bundle, fleet set-up, every device connecting, the round, shutdown);
 * peak RSS: the engine process (aggregator service, evaluation) plus every worker (the devices),
   each its own ``ru_maxrss``; the broker is not included;
 * messages and bytes through the aggregator's connection (first transmissions), and the message
@@ -155,11 +156,11 @@ def main() -> None:
             finally:
                 stop()
     print("digits MLP (4,810 parameters), active-secure SecAgg+, distributed DP, 2 workers, medians over rounds")
-    print(f"{'broker':>10}{'n':>6}{'done':>6}{'round s':>9}{'setup s':>9}{'RSS MB':>8}{'engine':>8}{'workers':>9}"
+    print(f"{'broker':>10}{'n':>6}{'done':>6}{'round s':>9}{'wall s':>8}{'RSS MB':>8}{'engine':>8}{'workers':>9}"
           f"{'msgs':>7}{'kB':>8}{'msg/s':>8}{'floor/s':>9}{'rate/floor':>11}")
     for r in rows:
         rate = r["messages"] / r["round_s"] if r["completed"] else float("nan")
-        print(f"{r['broker']:>10}{r['n']:>6}{r['completed']:>3}/{r['rounds']:<2}{r['round_s']:>9.2f}{r['setup_s']:>9.1f}"
+        print(f"{r['broker']:>10}{r['n']:>6}{r['completed']:>3}/{r['rounds']:<2}{r['round_s']:>9.2f}{r['wall_s']:>8.0f}"
               f"{r['rss_total']:>8.0f}{r['rss_engine']:>8.0f}{r['rss_workers']:>9.0f}{r['messages']:>7.0f}"
               f"{r['bytes'] / 1e3:>8.0f}{rate:>8.0f}{r['floor']:>9.0f}{rate / r['floor']:>11.3f}")
 
