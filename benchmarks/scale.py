@@ -13,9 +13,18 @@ One function per measurement, each picked with ``--only NAME`` (several allowed)
     shared cores), a floor for the node, not its ceiling;
   * ``unmask``: the aggregator's SecAgg+ unmask step for one session at d = 10^5, n = 100 and 1000,
     10% dropout (``benchmarks/secagg.py``'s prepared state and ``reconstruct_sum``): seconds per
-    session, so devices unmasked per second per worker (one core).
+    session, so devices unmasked per second per worker (one core);
+  * ``sharded``: a sharded round's time, from the coordinator's plan announcement to its published
+    model (the coordinator's own "published model version" log line), with 1, 2 and 4 aggregator
+    workers, at ``--devices`` simulated devices (default 1000) over one Mosquitto: the real
+    ``fleetlearn aggregator coordinator`` and ``worker`` processes and the devices as real
+    ``DeviceAgent``s in 2 processes (``tests/sharding/device_swarm.py``, as the acceptance test runs
+    them), SecAgg+ (active) and DP, a fresh fleet per worker count; ``--runs`` rounds each, the
+    median and its ratio to 1 worker. On one 2-core machine the devices, the broker and every
+    worker share the same cores, so this shows the hand-out's overhead, not the unmask speed-up
+    more workers give on their own cores.
 
-Run: .venv/bin/python benchmarks/scale.py [--only broker|unmask ...] [--runs N]
+Run: .venv/bin/python benchmarks/scale.py [--only broker|unmask|sharded ...] [--runs N] [--devices N]
 """
 
 from __future__ import annotations
@@ -130,7 +139,76 @@ def unmask(runs: int) -> list[str]:
     return rows
 
 
-MEASUREMENTS: dict[str, Callable[[int], list[str]]] = {"broker": broker, "unmask": unmask}
+SHARD_WORKERS = (1, 2, 4)
+SWARM_PROCESSES = 2
+DEVICES = {"n": 1000}  # --devices
+
+
+def _sharded_round_seconds(n: int, workers: int, rounds: int, root: Path, bundle_cache: Path) -> list[float]:
+    """One fresh fleet of ``n`` devices, ``workers`` worker processes, ``rounds`` rounds: each round's seconds."""
+    import json
+
+    from service.round_fleet import Process, make_fleet
+
+    broker = MosquittoBroker(root, "set_tcp_nodelay true\nmax_queued_messages 100000").start()
+    try:
+        fleet = make_fleet(root, n, broker.url, bundle_cache,
+                           rounds={"count": rounds, "cohort_min": n, "cohort_max": n, "retry_after": 1.0},
+                           deadlines={"ready": 60.0 + n / 5, "train": 60.0 + n / 5, "secagg_stage": 30.0 + n / 10},
+                           privacy={"clip": 0.8},
+                           sharding={"workers": workers, "sub_cohort_min": 10, "task_deadline": 60.0})
+        base = [sys.executable, "-m", "edge_sdk.cli", "aggregator"]
+        names = sorted(fleet.devices)
+        processes = [Process.start(f"w{i}", base + ["worker", "--config", str(fleet.config), "--worker-id", f"w{i}"])
+                     for i in range(workers)]
+        swarm = ROOT / "tests" / "sharding" / "device_swarm.py"
+        processes += [Process.start(f"swarm{k}", [sys.executable, str(swarm), broker.url, str(fleet.bundle)]
+                                    + [str(fleet.devices[d]) for d in names[k::SWARM_PROCESSES]])
+                      for k in range(SWARM_PROCESSES)]
+        coordinator = Process.start("coordinator", base + ["coordinator", "--config", str(fleet.config)])
+        deadline = time.monotonic() + rounds * (600 + n)
+        try:
+            while coordinator.popen.poll() is None and time.monotonic() < deadline:
+                time.sleep(0.2)
+        finally:
+            for process in [coordinator, *processes]:
+                process.stop()
+        seconds = []
+        for line in coordinator.all_lines:
+            if line.startswith("{") and "published model version" in line:
+                seconds.append(float(json.loads(line)["seconds"]))
+            elif line.startswith("{") and "aborted after" in line:
+                print(f"  (workers={workers}) {json.loads(line)['message']}", file=sys.stderr)
+        return seconds
+    finally:
+        broker.stop()
+
+
+def sharded(runs: int) -> list[str]:
+    """Round time against the number of aggregator workers (1, 2, 4) at ``--devices`` devices."""
+    if not MOSQUITTO:
+        sys.exit("benchmarks/scale.py --only sharded needs mosquitto")
+    n = DEVICES["n"]
+    rows = [f"{'sharded round, n = ' + str(n):34} {'workers':>7} {'rounds':>6} {'median s':>9} {'vs 1':>6}"]
+    with tempfile.TemporaryDirectory(prefix="fleetlearn-sharded-") as tmp:
+        cache = Path(tmp) / "bundle-cache"
+        cache.mkdir()
+        first = None
+        for workers in SHARD_WORKERS:
+            root = Path(tmp) / f"w{workers}"
+            root.mkdir()
+            seconds = _sharded_round_seconds(n, workers, runs, root, cache)
+            if not seconds:
+                rows.append(f"{'plan -> published model':34} {workers:7d} {0:6d} {'no round completed':>16}")
+                continue
+            median = statistics.median(seconds)
+            first = first or median
+            rows.append(f"{'plan -> published model':34} {workers:7d} {len(seconds):6d} {median:9.2f} "
+                        f"{median / first:6.2f}")
+    return rows
+
+
+MEASUREMENTS: dict[str, Callable[[int], list[str]]] = {"broker": broker, "unmask": unmask, "sharded": sharded}
 
 
 def main() -> None:
@@ -138,7 +216,9 @@ def main() -> None:
     parser.add_argument("--only", action="append", choices=sorted(MEASUREMENTS),
                         help="run only this measurement (repeatable); default: all")
     parser.add_argument("--runs", type=int, default=5, help="runs per row; the median is printed (default 5)")
+    parser.add_argument("--devices", type=int, default=1000, help="simulated devices for --only sharded")
     args = parser.parse_args()
+    DEVICES["n"] = args.devices
     for name in args.only or list(MEASUREMENTS):
         for line in MEASUREMENTS[name](args.runs):
             print(line)
