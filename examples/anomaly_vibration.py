@@ -128,7 +128,7 @@ def main() -> int:
                   f"{reconstruction_error(state, test_faulty).mean():.4f}, fleet epsilon {epsilon:.2f}", flush=True)
 
         settings = FleetSettings(rounds=args.rounds, epsilon=args.epsilon, clip=args.clip, epochs=args.local_epochs,
-                                 batch_size=16, lr=args.lr)
+                                 batch_size=16, lr=args.lr, seed=args.seed)
         result = federated_train(state, data, settings, report)
         normal, faulty = reconstruction_error(state, test_normal), reconstruction_error(state, test_faulty)
         threshold = float(np.quantile(normal, 0.99))

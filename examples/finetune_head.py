@@ -11,7 +11,7 @@
 3. It prints the accuracy before and after, the names in the federated update, and checks that
    the backbone weights inside the bundle are bit-for-bit the exported ones after training.
 
-    python examples/finetune_head.py [--devices 10] [--rounds 8] [--epsilon 10] [--seed 0]
+    python examples/finetune_head.py [--devices 30] [--rounds 8] [--epsilon 10] [--local-epochs 10] [--seed 0]
 """
 
 from __future__ import annotations
@@ -80,12 +80,12 @@ def bundle_backbone(bundle: Path) -> dict[str, np.ndarray]:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--devices", type=int, default=10)
+    parser.add_argument("--devices", type=int, default=30)
     parser.add_argument("--rounds", type=int, default=8)
     parser.add_argument("--epsilon", type=float, default=10.0)
     parser.add_argument("--clip", type=float, default=0.5)
-    parser.add_argument("--local-epochs", type=int, default=3)
-    parser.add_argument("--lr", type=float, default=0.1)
+    parser.add_argument("--local-epochs", type=int, default=10)
+    parser.add_argument("--lr", type=float, default=0.05)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
 
@@ -133,7 +133,7 @@ def main() -> int:
                   f"fleet epsilon {epsilon:.2f}", flush=True)
 
         settings = FleetSettings(rounds=args.rounds, epsilon=args.epsilon, clip=args.clip, epochs=args.local_epochs,
-                                 batch_size=16, lr=args.lr)
+                                 batch_size=16, lr=args.lr, seed=args.seed)
         result = federated_train(state, data, settings, report)
         after = evaluate(state, test_data).accuracy
         in_bundle = bundle_backbone(bundle)

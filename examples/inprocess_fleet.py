@@ -52,7 +52,7 @@ class FleetSettings:
     batch_size: int = 16
     lr: float = 0.1
     server_lr: float = 1.0
-
+    seed: int | None = 0  # SIMULATION ONLY: seeds the DP noise and rotations so a run reproduces; None: the OS
 
 @dataclass(frozen=True)
 class FleetResult:
@@ -66,7 +66,9 @@ def federated_train(state, device_data: Mapping[str, object], settings: FleetSet
     """Run ``settings.rounds`` rounds over ``device_data`` (device id -> Dataset) from ``state``'s parameters.
 
     ``state`` is one ``TrainingState`` every device reuses in turn (the train step is stateless);
-    ``on_round(round, params, epsilon)`` is called after each published round.
+    ``on_round(round, params, epsilon)`` is called after each published round. With ``settings.seed``
+    set, the devices derive their DP noise from it (``DeviceConfig.noise_seed``, simulation only: anyone
+    knowing the seed could remove the noise), so the same seed gives the same model.
     """
     fleet_id = "example"
     params = state.get_params()
@@ -88,10 +90,12 @@ def federated_train(state, device_data: Mapping[str, object], settings: FleetSet
                     clip=settings.clip)
     contributors: list[int] = []
     epsilon = 0.0
+    rounds_rng = None if settings.seed is None else np.random.default_rng(settings.seed)
     with tempfile.TemporaryDirectory() as tmp:
         ledgers = {d: DeviceLedger.open(Path(tmp) / f"{d}.ledger", 1e9, settings.delta) for d in devices}
         fleet_devices = {
-            d: (DeviceConfig(fleet_id, d, identities[d], aggregator_key.public, enrolled, layout),
+            d: (DeviceConfig(fleet_id, d, identities[d], aggregator_key.public, enrolled, layout,
+                             noise_seed=None if settings.seed is None else f"{settings.seed}/{d}".encode()),
                 DeviceEffectHandlers(state, device_data[d], ledgers[d]).as_mapping())
             for d in devices
         }
@@ -102,8 +106,9 @@ def federated_train(state, device_data: Mapping[str, object], settings: FleetSet
                             n, 4 * layout.dim)
         fleet = MemoryFleet(host, host_handlers, fleet_devices, limits)
         for round_index in range(1, settings.rounds + 1):
+            rotation_seed = secrets.token_bytes(16) if rounds_rng is None else rounds_rng.bytes(16)
             encoding = EncodingParams(dim=layout.dim, clip=cal.clip, gamma=cal.gamma, bits=cal.bits,
-                                      rotation_seed=secrets.token_bytes(16))
+                                      rotation_seed=rotation_seed)
             plan = draft_plan(host, params, round_index=round_index, model_version=round_index - 1,
                               training=TrainingPlan(epochs=settings.epochs, batch_size=settings.batch_size,
                                                     lr=settings.lr, seed=round_index),
