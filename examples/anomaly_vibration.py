@@ -15,7 +15,7 @@ faulty windows, from machines that took no part, is scored by reconstruction err
 is the 99th percentile of the error on held-out normal windows, and the example prints the AUC,
 precision and recall.
 
-    python examples/anomaly_vibration.py [--devices 20] [--rounds 15] [--epsilon 8] [--seed 0]
+    python examples/anomaly_vibration.py [--devices 30] [--windows 100] [--rounds 8] [--epsilon 8] [--clip 0.3] [--seed 0]
 """
 
 from __future__ import annotations
@@ -94,9 +94,9 @@ def auc(normal: np.ndarray, anomalous: np.ndarray) -> float:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--devices", type=int, default=20)
-    parser.add_argument("--windows", type=int, default=150, help="normal training windows per device")
-    parser.add_argument("--rounds", type=int, default=15)
+    parser.add_argument("--devices", type=int, default=30)
+    parser.add_argument("--windows", type=int, default=100, help="normal training windows per device")
+    parser.add_argument("--rounds", type=int, default=8)
     parser.add_argument("--epsilon", type=float, default=8.0, help="target fleet epsilon over all rounds")
     parser.add_argument("--clip", type=float, default=0.3, help="L2 clip of one update (chosen by experiment)")
     parser.add_argument("--local-epochs", type=int, default=5)
