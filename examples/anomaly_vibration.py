@@ -3,7 +3,7 @@
 Each device is a machine with an accelerometer. Its normal vibration is its shaft rotation (a
 speed of its own, 20-30 Hz) and two harmonics, plus sensor noise. Faults are what a maintenance
 engineer looks for: a bearing defect (a train of impulses at the outer-race defect frequency,
-3.6x the shaft speed, each ringing at a structural resonance near 300 Hz) or a speed/mesh shift
+3.6x the shaft speed, each ringing at a structural resonance of 200-240 Hz) or a speed/mesh shift
 (the fundamental moves by +40% and a new high harmonic appears). A device turns each 256-sample
 window (1 kHz) into 64 log-magnitude spectrum bins.
 
@@ -15,7 +15,8 @@ faulty windows, from machines that took no part, is scored by reconstruction err
 is the 99th percentile of the error on held-out normal windows, and the example prints the AUC,
 precision and recall.
 
-    python examples/anomaly_vibration.py [--devices 30] [--windows 100] [--rounds 8] [--epsilon 8] [--clip 0.3] [--seed 0]
+    python examples/anomaly_vibration.py [--devices 30] [--windows 100] [--rounds 8] [--epsilon 8]
+        [--clip 0.3] [--seed 0]
 """
 
 from __future__ import annotations
@@ -53,8 +54,8 @@ def normal_windows(rng: np.random.Generator, count: int, shaft_hz: float) -> np.
 
 
 def bearing_fault(rng: np.random.Generator, count: int, shaft_hz: float) -> np.ndarray:
-    """Normal vibration plus impulses at the outer-race defect frequency, each ringing at ~300 Hz... folded
-    to 200-240 Hz here so it falls inside the 64 bins, with a 5 ms decay."""
+    """Normal vibration plus impulses at the outer-race defect frequency (3.6x the shaft speed), each
+    ringing at a resonance of 200-240 Hz (inside the 64 bins' 250 Hz band) and decaying in 5 ms."""
     out = normal_windows(rng, count, shaft_hz)
     period = 1.0 / (3.6 * shaft_hz)
     for i in range(count):
