@@ -33,12 +33,12 @@ class ScenarioError(ConfigError):
 
 @dataclass(frozen=True)
 class Scenario:
-    """One simulation run. Defaults are the laptop demo's fleet shape, not its privacy target."""
+    """One simulation run. The defaults are ``make demo``'s configuration (README, "The demo"), chosen by experiment."""
 
     devices: int = 100
     rounds: int = 20
     bundle: Path | None = None  # a compiled training bundle; None compiles ``model`` into the run dir
-    model: str = "mlp"  # a name from ``aggregator.simulator.models`` (used when bundle is None)
+    model: str = "softmax"  # a name from ``aggregator.simulator.models`` (used when bundle is None)
     dataset: str = "digits"  # "digits" (scikit-learn's), or a path to an .npz with x and y
     partition: str = "dirichlet"  # "iid", "dirichlet" (alpha) or "shards" (shards_per_device label-sorted shards)
     alpha: float = 0.5
@@ -52,17 +52,17 @@ class Scenario:
     # privacy and secure aggregation
     epsilon: float = 3.0  # the whole run's target, at delta
     delta: float = 1e-5
-    clip: float = 0.5
+    clip: float = 1.0
     bits: int = 20
     mechanism: str = "skellam"
     privacy_mode: str = "distributed"
     threat_model: str = "active"
     colluding: float = 0.05
-    expected_dropout: float = 0.05  # what the plan calibrates t_honest for
+    expected_dropout: float = 0.1  # what the plan calibrates t_honest for
     # training and the server's strategy
-    local_epochs: int = 1
-    batch_size: int = 32
-    lr: float = 0.1
+    local_epochs: int = 10
+    batch_size: int = 4
+    lr: float = 0.5
     strategy: str = "fedavg"
     server_lr: float = 1.0
     cohort: int | None = None  # devices per round; None: all of them

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from hypothesis import given, settings
+from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
 from aggregator.simulator.partition import MIN_SAMPLES, partition
@@ -31,6 +31,7 @@ def mean_label_entropy(labels: np.ndarray, parts: list[np.ndarray]) -> float:
        scheme=st.sampled_from(["iid", "dirichlet", "shards"]), alpha=st.floats(0.05, 50.0),
        shards=st.integers(1, 3), seed=st.integers(0, 2**32 - 1))
 def test_every_sample_at_most_once_and_every_device_served(n, devices, classes, scheme, alpha, shards, seed):
+    assume(scheme != "shards" or n >= devices * shards)  # fewer samples than shards is refused (tested below)
     labels = digits_like(n, classes, seed % 1000)
     parts = partition(labels, devices, scheme, alpha=alpha, shards_per_device=shards, seed=seed)
     assert len(parts) == devices
@@ -93,6 +94,8 @@ def test_impossible_requests_are_scenario_errors_naming_the_field():
         partition(labels, 2, "dirichlet", alpha=0.0, seed=0)
     with pytest.raises(ScenarioError, match="shards_per_device=0"):
         partition(labels, 2, "shards", shards_per_device=0, seed=0)
+    with pytest.raises(ScenarioError, match="30 samples cannot make 33 shards"):
+        partition(labels, 11, "shards", shards_per_device=3, seed=0)
     with pytest.raises(ScenarioError, match="labels must be a 1-D array"):
         partition(labels.reshape(5, 6), 2, "iid", seed=0)
     assert issubclass(ScenarioError, ConfigError)

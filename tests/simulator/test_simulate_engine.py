@@ -121,8 +121,8 @@ def test_dropouts_and_crashes_complete_or_abort_each_round_cleanly(tmp_path, bun
             if fault is not None:
                 scheduled[fault.stage] += 1
         # every injected fault, nothing else, in each stage the round reached (an aborted round stops early)
-        reached = FAULT_STAGES if r.status == "completed" else FAULT_STAGES[:1 + max(map(FAULT_STAGES.index,
-                                                                                         r.dropouts, default=0))]
+        reached = FAULT_STAGES if r.status == "completed" else \
+            FAULT_STAGES[:1 + max(map(FAULT_STAGES.index, r.dropouts), default=0)]
         assert r.dropouts == {s: n for s, n in scheduled.items() if n and s in reached}
         survivors = r.invited - sum(scheduled[s] for s in ("TRAIN", "SHARE_KEYS", "MASKED_INPUT"))
         # The round completes exactly when its survivors reach the noise floor; then it sums exactly them.
