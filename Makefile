@@ -34,8 +34,7 @@ bench: $(FULL_STAMP)
 	@set -e; for b in benchmarks/[!_]*.py; do echo "== $$b"; $(PY) $$b; done
 
 demo: $(DEMO_STAMP)
-	$(PY) examples/digits_local.py --epochs 10
-	$(PY) examples/federated_digits.py
+	$(PY) examples/federated_digits.py --devices 100 --rounds 20 --epsilon 3 --expect-accuracy 0.85
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .ruff_cache
