@@ -27,7 +27,8 @@ def _fail_skips_for_missing_packages(report: pytest.CollectReport | pytest.TestR
     if MISSING_DEPENDENCY.search(reason):
         report.outcome = "failed"
         report.longrepr = (
-            f"{reason}\nCI=true: a test skipped for a missing package fails; install '.[host,sim,postgres,demo,dev,torch]'"
+            f"{reason}\nCI=true: a test skipped for a missing package fails; "
+            "install '.[host,sim,postgres,demo,dev,torch]'"
         )
 
 

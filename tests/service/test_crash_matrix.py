@@ -197,8 +197,17 @@ def kill_a_device(fleet: CrashFleet) -> None:
         fleet.devices[victim].kill()
         if stage != "PUBLISH":
             fleet.round_end(r)
+        mark = len(fleet.events)
         fleet.start_device(victim)  # rebooted after the round: it resumes from its state directory
         fleet.next_completes(r + 1)
+        # back online before the next kill: on a loaded machine a reboot can outlast round r + 1, and two
+        # devices booting at once would leave the next round below its minimum cohort of 5
+        deadline = time.monotonic() + 60
+        while not any(e.get("device") == victim and e.get("message", "") == f"device {victim} is online"
+                      for e in fleet.events[mark:]):
+            assert time.monotonic() < deadline, f"{victim} never came back online"
+            fleet.read()
+            time.sleep(0.01)
         outcome = store_outcome(fleet.disk, r)
         with open_store(fleet.disk.state_dir / "aggregator.sqlite") as store:
             summed = any(victim in e.event["contributors"] for e in store.accounting_events() if e.round_index == r)
