@@ -207,29 +207,43 @@ class _Refuse(FleetlearnError):
     """Ignore the message and record why."""
 
 
+class AnswerRefused(_Refuse):
+    """A Ready or Decline that is not a valid, timely, first answer to this plan from an invited device."""
+
+
 # --- PLAN ---------------------------------------------------------------------------------------
 
-def _on_answer(state: HostState, answer: Ready | Decline, now: float) -> Step:
+def take_answer(state: Any, answer: Ready | Decline, in_plan: bool) -> tuple[Any, bool]:
+    """Check a Ready or Decline against ``state`` (a host or coordinator round) and record it.
+
+    One rule for both machines: signed by the device's enrolled key, for this plan, in the PLAN stage,
+    from an invited device, once. Returns the new state and whether every invited device has answered
+    (server sampling), so the caller closes its PLAN stage; raises ``AnswerRefused`` otherwise.
+    """
     device, plan = answer.device_id, state.plan
     if device not in state.config.enrolled:
-        raise _Refuse(f"{type(answer).__name__} from {device!r}, which is not enrolled")
+        raise AnswerRefused(f"{type(answer).__name__} from {device!r}, which is not enrolled")
     answer.verify(state.config.enrolled[device])
     if (answer.fleet, answer.round_index, answer.plan_digest) != (plan.fleet, plan.round_index, plan.digest):
-        raise _Refuse(f"{type(answer).__name__} from {device!r} answers another plan or round")
-    if state.stage is not HostStage.PLAN:
-        raise _Refuse(f"late {type(answer).__name__} from {device!r}: the cohort is already chosen")
+        raise AnswerRefused(f"{type(answer).__name__} from {device!r} answers another plan or round")
+    if not in_plan:
+        raise AnswerRefused(f"late {type(answer).__name__} from {device!r}: the cohort is already chosen")
     if device not in state.invited:
-        raise _Refuse(f"{device!r} was not invited to round {plan.round_index}")
+        raise AnswerRefused(f"{device!r} was not invited to round {plan.round_index}")
     if device in state.ready or device in state.declines:
-        raise _Refuse(f"{device!r} already answered round {plan.round_index}")
+        raise AnswerRefused(f"{device!r} already answered round {plan.round_index}")
     if isinstance(answer, Ready):
         state = replace(state, ready=state.ready + (device,))
     else:
         log.info("round %d: %s declines: %s %s", plan.round_index, device, answer.reason.name, answer.detail)
         state = replace(state, declines={**state.declines, device: answer})
-    if plan.sampling.kind == Sampling.SERVER and len(state.ready) + len(state.declines) == len(state.invited):
-        return _close_plan(state, now)
-    return Step(state)
+    answered = len(state.ready) + len(state.declines) == len(state.invited)
+    return state, plan.sampling.kind == Sampling.SERVER and answered
+
+
+def _on_answer(state: HostState, answer: Ready | Decline, now: float) -> Step:
+    state, all_answered = take_answer(state, answer, state.stage is HostStage.PLAN)
+    return _close_plan(state, now) if all_answered else Step(state)
 
 
 def _close_plan(state: HostState, now: float) -> Step:

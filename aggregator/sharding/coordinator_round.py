@@ -32,7 +32,14 @@ from typing import Any
 import numpy as np
 
 from aggregator.rounds.cohort import admit
-from aggregator.rounds.host_round import HostConfig, HostRefusal, HostStage, model_release, start_host_round
+from aggregator.rounds.host_round import (
+    HostConfig,
+    HostRefusal,
+    HostStage,
+    model_release,
+    start_host_round,
+    take_answer,
+)
 from aggregator.sharding.sub_cohorts import split_cohort
 from aggregator.sharding.work_messages import ANY_WORKER, CheckedSum, ResultStatus, Task, TaskResult, check_result
 from edge_sdk.errors import FleetlearnError
@@ -215,25 +222,8 @@ class CoordinatorRound:
 # --- PLAN ---------------------------------------------------------------------------------------
 
 def _on_answer(state: CoordinatorState, answer: Ready | Decline, now: float) -> Step:
-    device, plan = answer.device_id, state.plan
-    if device not in state.config.enrolled:
-        raise _Refuse(f"{type(answer).__name__} from {device!r}, which is not enrolled")
-    answer.verify(state.config.enrolled[device])
-    if (answer.fleet, answer.round_index, answer.plan_digest) != (plan.fleet, plan.round_index, plan.digest):
-        raise _Refuse(f"{type(answer).__name__} from {device!r} answers another plan or round")
-    if state.stage is not Stage.PLAN:
-        raise _Refuse(f"late {type(answer).__name__} from {device!r}: the cohort is already chosen")
-    if device not in state.invited:
-        raise _Refuse(f"{device!r} was not invited to round {plan.round_index}")
-    if device in state.ready or device in state.declines:
-        raise _Refuse(f"{device!r} already answered round {plan.round_index}")
-    if isinstance(answer, Ready):
-        state = replace(state, ready=state.ready + (device,))
-    else:
-        state = replace(state, declines={**state.declines, device: answer})
-    if plan.sampling.kind == Sampling.SERVER and len(state.ready) + len(state.declines) == len(state.invited):
-        return _close_plan(state, now)
-    return Step(state)
+    state, all_answered = take_answer(state, answer, state.stage is Stage.PLAN)
+    return _close_plan(state, now) if all_answered else Step(state)
 
 
 def _close_plan(state: CoordinatorState, now: float) -> Step:
